@@ -1,0 +1,34 @@
+"""Command-line entry points; bin/ scripts only call these."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from app import logs, settings as settings_mod
+
+
+def collector_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="collector", description="Record exchange WebSocket data as RAW Parquet.")
+    p.add_argument("--symbols", help="comma separated; ALL = every USDT/USDC linear perpetual")
+    p.add_argument("--exchanges", help="comma separated: binance,bybit,okx")
+    p.add_argument("--datasets", help="comma separated: bbo,trades,mark_price,funding,open_interest")
+    p.add_argument("--config", help="settings file (default: settings.ini in the working directory)")
+    p.add_argument("--data-dir", dest="data_dir", help="local root / spool directory")
+    p.add_argument("--status-port", dest="status_port", help="status API port")
+    p.add_argument("--instance-id", dest="instance_id", help="names this instance's files")
+    args = p.parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    logs.setup()
+    try:
+        settings = settings_mod.load(args.config, flags)
+    except settings_mod.SettingsError as e:
+        print(f"collector: {e}", file=sys.stderr)
+        logs.get().error("settings_invalid", extra={"setting": e.key, "error": str(e)})
+        return 2
+    from app.collector import StartupError, run
+    try:
+        return run(settings)
+    except StartupError as e:
+        print(f"collector: {e}", file=sys.stderr)
+        logs.get().error("startup_failed", extra={"setting": e.key, "error": str(e)})
+        return 2

@@ -1,0 +1,165 @@
+"""Binance USD-M futures: protocol only (see shared/exchanges/binance.md).
+
+Routed entry points since 2026: bookTicker lives on `/public`, aggTrade and markPrice on
+`/market`; a stream sent to the wrong one is ACKed and then silent, so the path is part of each
+Stream. We connect to `<path>/stream` (combined mode: every frame names its stream) and
+SUBSCRIBE in chunks; Binance counts every inbound message against 10/s per connection.
+No open-interest stream exists on USD-M WebSocket: `open_interest` is never produced here.
+"""
+from __future__ import annotations
+
+import ujson
+
+from app.exchanges import (Control, Discovery, FrameError, Instrument, Keepalive, SequenceRule,
+                           Stream, chunked, split_by_path)
+
+NAME = "binance"
+KEEPALIVE = Keepalive("protocol", "", 30.0)   # server pings every 3 min; our pings prove liveness
+MAX_CONNECTION_AGE_S = 23.5 * 3600            # the server closes at 24 h: rotate before
+SUBSCRIBE_INTERVAL_S = 0.25                   # <= 10 inbound messages/s, pings included
+MAX_STREAMS_PER_CONNECTION = 200              # documented 1024 (2026) / 200 (older): be safe
+PARAMS_PER_REQUEST = 100
+GAP_RULES = {"trades": SequenceRule("trade_id")}   # aggTrade `a` is +1 per symbol
+UNSUPPORTED_DATASETS = {"open_interest": "Binance USD-M publishes no open-interest WebSocket stream"}
+_QUOTES = ("USDT", "USDC")
+
+_CHANNELS = {  # dataset -> (stream suffix, path, cadence)
+    "bbo": ("bookTicker", "/public", None),
+    "trades": ("aggTrade", "/market", None),
+    "mark_price": ("markPrice@1s", "/market", 1.0),
+    "funding": ("markPrice@1s", "/market", 1.0),
+}
+
+
+def ws_url(base: str, path: str) -> str:
+    return f"{base.rstrip('/')}{path}/stream"
+
+
+def discovery_request(cursor: str | None) -> tuple[str, dict]:
+    return "/fapi/v1/exchangeInfo", {}
+
+
+def parse_discovery(body: dict) -> Discovery:
+    found, skipped = [], {}
+    for row in body.get("symbols", []):
+        if row.get("contractType") != "PERPETUAL":
+            reason = f"contract_type:{row.get('contractType') or 'none'}"
+        elif row.get("status") != "TRADING":
+            reason = f"status:{row.get('status')}"
+        elif row.get("marginAsset") not in _QUOTES or row.get("quoteAsset") not in _QUOTES:
+            reason = f"margin:{row.get('marginAsset')}"
+        else:
+            filters = {f.get("filterType"): f for f in row.get("filters", [])}
+            found.append(Instrument(
+                exchange=NAME, symbol=row["symbol"], base=row["baseAsset"], quote=row["quoteAsset"],
+                instrument=f"{row['baseAsset']}-{row['quoteAsset']}-PERP", status=row["status"],
+                contract_type=row["contractType"],
+                tick_size=filters.get("PRICE_FILTER", {}).get("tickSize"),
+                lot_size=filters.get("LOT_SIZE", {}).get("stepSize"),
+                listed_ms=row.get("onboardDate")))
+            continue
+        skipped[reason] = skipped.get(reason, 0) + 1
+    return Discovery(found, skipped, None)
+
+
+_unified_cache: dict[str, str] = {}
+
+
+def unified(symbol: str) -> str:
+    inst = _unified_cache.get(symbol)
+    if inst is None:
+        for quote in _QUOTES:
+            if symbol.endswith(quote) and len(symbol) > len(quote):
+                inst = f"{symbol[:-len(quote)]}-{quote}-PERP"
+                break
+        else:
+            inst = f"{symbol}-PERP"
+        _unified_cache[symbol] = inst
+    return inst
+
+
+def streams_for(inst: Instrument, datasets) -> list[Stream]:
+    by_key: dict[str, Stream] = {}
+    for ds in datasets:
+        if ds not in _CHANNELS:
+            continue
+        suffix, path, cadence = _CHANNELS[ds]
+        key = f"{inst.symbol.lower()}@{suffix}"
+        prev = by_key.get(key)
+        by_key[key] = Stream(key, inst.symbol, suffix, (prev.datasets if prev else ()) + (ds,), path, cadence)
+    return list(by_key.values())
+
+
+def plan_connections(streams: list[Stream], max_per_conn: int = MAX_STREAMS_PER_CONNECTION):
+    return split_by_path(NAME, streams, max_per_conn)
+
+
+def _requests(method: str, streams: list[Stream], first_id: int):
+    out = []
+    for i, part in enumerate(chunked(streams, PARAMS_PER_REQUEST)):
+        keys = tuple(s.key for s in part)
+        out.append((ujson.dumps({"method": method, "params": list(keys), "id": first_id + i}),
+                    first_id + i, keys))
+    return out
+
+
+def subscribe_messages(streams: list[Stream], first_id: int):
+    return _requests("SUBSCRIBE", streams, first_id)
+
+
+def unsubscribe_messages(streams: list[Stream], first_id: int):
+    return _requests("UNSUBSCRIBE", streams, first_id)
+
+
+def _event(data: dict, stream: str, ts_recv: int, conn_id: int, recv_seq: int, sink) -> None:
+    e = data["e"]
+    s = data["s"]
+    inst = _unified_cache.get(s) or unified(s)
+    if e == "bookTicker":
+        sink.bbo.append((s, inst, data.get("T"), data.get("E"), ts_recv, conn_id, recv_seq,
+                         data.get("b"), data.get("B"), data.get("a"), data.get("A"), data.get("u"), None))
+    elif e == "aggTrade":
+        f, l = data.get("f"), data.get("l")
+        sink.trades.append((s, inst, data.get("T"), data.get("E"), ts_recv, conn_id, recv_seq,
+                            data["a"], data["p"], data["q"], "sell" if data["m"] else "buy",
+                            f, l, l - f + 1 if f is not None and l is not None else None, None))
+    elif e == "trade":
+        sink.trades.append((s, inst, data.get("T"), data.get("E"), ts_recv, conn_id, recv_seq,
+                            data["t"], data["p"], data["q"], "sell" if data["m"] else "buy",
+                            None, None, None, None))
+    elif e == "markPriceUpdate":
+        E = data.get("E")
+        sink.mark_price.append((s, inst, None, E, ts_recv, conn_id, recv_seq,
+                                data["p"], data.get("i"), data.get("P")))
+        sink.funding.append((s, inst, None, E, ts_recv, conn_id, recv_seq,
+                             data.get("r"), data.get("T"), None, None, None))
+    else:
+        raise FrameError(f"unknown event {e!r} on {stream}")
+
+
+def parse(item: tuple, sink) -> Control | None:
+    """One queue item -> rows appended to sink, or a Control for a non-data frame."""
+    _, conn_id, recv_seq, ts_recv, payload = item
+    msg = ujson.loads(payload)
+    if type(msg) is not dict:
+        raise FrameError("not a JSON object")
+    data = msg.get("data")
+    if data is not None:
+        stream = msg["stream"]
+        sink.last_seen[stream] = ts_recv
+        if type(data) is list:      # all-market array streams
+            for d in data:
+                _event(d, stream, ts_recv, conn_id, recv_seq, sink)
+        else:
+            _event(data, stream, ts_recv, conn_id, recv_seq, sink)
+        return None
+    if "e" in msg and "s" in msg:   # raw (non-combined) mode
+        stream = f"{msg['s'].lower()}@{msg['e']}"
+        sink.last_seen[stream] = ts_recv
+        _event(msg, stream, ts_recv, conn_id, recv_seq, sink)
+        return None
+    if "result" in msg and "id" in msg:
+        return Control("ack" if msg["result"] is None else "info", msg["id"], ujson.dumps(msg["result"]))
+    if "code" in msg:
+        return Control("error", msg.get("id"), f"{msg['code']}: {msg.get('msg', '')}")
+    raise FrameError("unrecognised message")

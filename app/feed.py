@@ -1,0 +1,399 @@
+"""WebSocket connections: websocket-client threads that stamp frames and enqueue them.
+
+`on_message` is the hot path and does only this: take ts_recv, the process-wide recv_seq and
+the conn_id, and `put_nowait` the raw bytes (UTF-8 is validated later, per batch, in Arrow). A
+full queue is a counted drop, never a block: the exchange would disconnect a slow reader.
+
+Everything slower lives in the Manager's watchdog thread, once a second: keepalive pings,
+dead-socket detection (no frame at all for stale_timeout, which also catches half-open
+sockets), silent-stream reports, and rotation before a server's forced close (open the new
+connection, close the old one once the new one delivers: overlap, never a hole). Reconnects are
+owned here, not by websocket-client: capped, jittered exponential backoff that resets after a
+stable minute, and a fresh subscribe on every connect.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import random
+import socket
+import threading
+import time
+
+import websocket
+
+from app import logs
+from app.exchanges import ConnectionPlan, Control, Stream
+
+log = logs.get()
+
+
+class Connection:
+    """One logical connection (a plan of streams on one path); reconnects until stopped."""
+
+    def __init__(self, manager: "Manager", plan: ConnectionPlan, name: str):
+        self.manager = manager
+        self.adapter = manager.adapters[plan.exchange]
+        self.exchange = plan.exchange
+        self.plan = plan
+        self.name = name
+        self.url = self.adapter.ws_url(manager.settings.ws_url(plan.exchange), plan.path)
+        # per-frame counters: written by this connection's socket thread only
+        self.received = 0
+        self.dropped = 0
+        self.last_frame_ns = 0
+        # connection status, read by the watchdog and the status API
+        self.conn_id: int | None = None
+        self.connected = False
+        self.connected_since: float | None = None
+        self.connects = 0
+        self.last_ping = 0.0
+        self.subscribed: dict[str, float] = {}     # stream key -> time acknowledged
+        self.pending: dict[str, tuple[str, ...]] = {}
+        self.replacement: "Connection | None" = None
+        self.replacing_since = 0.0
+        self.app: websocket.WebSocketApp | None = None
+        self._close_reason = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"ws-{name}", daemon=True)
+
+    # ---- life cycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, reason: str = "stop") -> None:
+        self._stop.set()
+        self.close(reason, abort=False)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def close(self, reason: str, abort: bool = True) -> None:
+        """End the current socket; the loop reconnects unless stopped. `abort` skips the
+        closing handshake (a half-open peer would never answer it)."""
+        app = self.app
+        if app is None:
+            return
+        self._close_reason = reason
+        app.keep_running = False
+        ws = app.sock
+        if ws is None or ws.sock is None:
+            return
+        try:
+            if not abort:
+                ws.send_close(websocket.STATUS_NORMAL, reason.encode()[:120])
+            ws.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _loop(self) -> None:
+        s = self.manager.settings
+        attempt = 0
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self._run_once()
+            except Exception as e:  # noqa: BLE001 - a connection thread must never die
+                log.error("ws_thread_error", extra={"exchange": self.exchange, "conn": self.name,
+                                                    "error": repr(e)})
+            if self._stop.is_set():
+                break
+            if time.monotonic() - started >= s.reconnect_stable_after:
+                attempt = 0
+            delay = min(s.reconnect_max, s.reconnect_min * 2 ** attempt) * random.uniform(0.5, 1.0)
+            attempt += 1
+            self.manager.state.count("reconnects", self.exchange)
+            log.info("ws_reconnect_wait", extra={"exchange": self.exchange, "conn": self.name,
+                                                 "delay_s": round(delay, 3), "attempt": attempt})
+            self._stop.wait(delay)
+
+    def _run_once(self) -> None:
+        conn_id = next(self.manager.conn_ids)
+        exchange = self.exchange
+        put = self.manager.queue.put_nowait
+        next_seq = self.manager.recv_seq.__next__
+        time_ns = time.time_ns
+        full = queue.Full
+        on_drop = self.manager.on_drop
+
+        def on_message(_ws, data):
+            ts = time_ns()
+            self.last_frame_ns = ts
+            self.received += 1
+            try:
+                put((exchange, conn_id, next_seq(), ts, data))
+            except full:
+                self.dropped += 1
+                on_drop(self)
+
+        def on_open(ws):
+            self.conn_id = conn_id
+            self.connected = True
+            self.connected_since = time.time()
+            self.last_frame_ns = time.time_ns()
+            self.connects += 1
+            self.subscribed = {}
+            self.manager.by_conn_id[conn_id] = self
+            log.info("ws_connect", extra={"exchange": exchange, "conn": self.name, "conn_id": conn_id,
+                                          "url": self.url, "streams": len(self.plan.streams)})
+            threading.Thread(target=self._subscribe, args=(ws, list(self.plan.streams)),
+                             name=f"sub-{self.name}", daemon=True).start()
+
+        def on_liveness(_ws, _data):
+            self.last_frame_ns = time.time_ns()
+
+        def on_error(_ws, error):
+            if not self._close_reason:
+                self._close_reason = repr(error)
+
+        def on_close(_ws, code, reason):
+            was_connected = self.connected
+            self.connected = False
+            self.manager.by_conn_id.pop(conn_id, None)
+            log.info("ws_disconnect", extra={"exchange": exchange, "conn": self.name,
+                                             "conn_id": conn_id, "code": code,
+                                             "reason": reason or self._close_reason or "closed",
+                                             "was_connected": was_connected})
+
+        self._close_reason = ""
+        self.app = websocket.WebSocketApp(self.url, on_open=on_open, on_message=on_message,
+                                          on_error=on_error, on_close=on_close,
+                                          on_ping=on_liveness, on_pong=on_liveness)
+        if self._stop.is_set():
+            return
+        self.app.run_forever(skip_utf8_validation=True, ping_interval=0, reconnect=0)
+        if self.connected:   # on_close not called (failed handshake path)
+            on_close(None, None, self._close_reason)
+        if not self.connects and self._close_reason:
+            log.warning("ws_connect_failed", extra={"exchange": exchange, "conn": self.name,
+                                                   "url": self.url, "reason": self._close_reason})
+
+    def _subscribe(self, ws, streams: list[Stream]) -> None:
+        messages = self.adapter.subscribe_messages(streams, self.manager.next_request_id(len(streams)))
+        for i, (text, req_id, keys) in enumerate(messages):
+            if self._stop.is_set() or not self.connected or self.app is not ws:
+                return
+            self.pending[str(req_id)] = keys
+            try:
+                ws.send(text)
+            except Exception as e:  # noqa: BLE001 - the socket died; the loop reconnects
+                log.info("subscribe_send_failed", extra={"exchange": self.exchange,
+                                                         "conn": self.name, "error": repr(e)})
+                return
+            if i + 1 < len(messages):
+                time.sleep(self.adapter.SUBSCRIBE_INTERVAL_S)
+
+    # ---- watchdog work (manager thread) -------------------------------------------------------
+    def ping(self, now: float) -> None:
+        keep = self.adapter.KEEPALIVE
+        if not keep.kind or not self.connected or now - self.last_ping < keep.interval_s:
+            return
+        self.last_ping = now
+        app = self.app
+        try:
+            if keep.kind == "protocol":
+                app.sock.ping(keep.payload)
+            else:
+                app.send(keep.payload)
+        except Exception:  # noqa: BLE001 - a dead socket is found by the stale check
+            pass
+
+    def on_control(self, ctrl: Control) -> None:
+        if ctrl.kind == "ack":
+            keys = self.pending.pop(str(ctrl.request_id), None) or ctrl.keys
+            now = time.time()
+            for k in keys:
+                self.subscribed[k] = now
+            log.info("subscribed", extra={"exchange": self.exchange, "conn": self.name,
+                                          "conn_id": self.conn_id, "streams": len(keys),
+                                          "total": len(self.subscribed),
+                                          "planned": len(self.plan.streams)})
+        elif ctrl.kind == "error":
+            self.pending.pop(str(ctrl.request_id), None)
+            self.manager.state.count("subscription_errors", self.exchange)
+            log.warning("subscription_error", extra={"exchange": self.exchange, "conn": self.name,
+                                                     "request_id": ctrl.request_id,
+                                                     "detail": ctrl.detail, "streams": list(ctrl.keys)})
+        elif ctrl.kind == "notice":
+            log.warning("exchange_notice", extra={"exchange": self.exchange, "conn": self.name,
+                                                  "detail": ctrl.detail})
+            self.manager.rotate(self, "notice")
+
+    def status(self) -> dict:
+        now_ns = time.time_ns()
+        return {"name": self.name, "exchange": self.exchange, "path": self.plan.path,
+                "conn_id": self.conn_id, "connected": self.connected,
+                "connected_since": self.connected_since, "connects": self.connects,
+                "streams": len(self.plan.streams), "subscribed": len(self.subscribed),
+                "frames": self.received, "dropped": self.dropped,
+                "last_frame_age_s": round((now_ns - self.last_frame_ns) / 1e9, 3) if self.last_frame_ns else None}
+
+
+class Manager:
+    """Builds connections from plans, routes control messages, runs the watchdog."""
+
+    def __init__(self, settings, adapters: dict, q: queue.Queue, state, last_seen: dict[str, dict]):
+        self.settings = settings
+        self.adapters = adapters
+        self.queue = q
+        self.state = state
+        self.last_seen = last_seen          # exchange -> {stream key: ts_recv ns}, from the writer
+        self.recv_seq = itertools.count(1)
+        self.conn_ids = itertools.count(1)
+        self._request_ids = itertools.count(1)
+        self._request_lock = threading.Lock()
+        self.connections: list[Connection] = []
+        self.by_conn_id: dict[int, Connection] = {}
+        self._names = itertools.count(1)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._silent: dict[tuple[str, str], float] = {}
+        self._drop_log = logs.RateLimited(10.0)
+        self._thread = threading.Thread(target=self._watchdog, name="ws-watchdog", daemon=True)
+
+    def next_request_id(self, n: int) -> int:
+        with self._request_lock:
+            first = next(self._request_ids)
+            for _ in range(max(0, n - 1)):
+                next(self._request_ids)
+        return first
+
+    def add_plan(self, plan: ConnectionPlan) -> Connection:
+        conn = Connection(self, plan, f"{plan.exchange}-{next(self._names)}")
+        with self._lock:
+            self.connections.append(conn)
+        self.state.register_connection(conn)
+        conn.start()
+        return conn
+
+    def start(self, plans: list[ConnectionPlan]) -> None:
+        for plan in plans:
+            self.add_plan(plan)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        with self._lock:
+            conns = list(self.connections)
+        for c in conns:
+            c.stop()
+        deadline = time.monotonic() + timeout
+        for c in conns:
+            c.join(max(0.1, deadline - time.monotonic()))
+        self._thread.join(timeout=2)
+
+    def remove_symbols(self, exchange: str, symbols: set[str]) -> None:
+        """Unsubscribe delisted symbols; their streams leave the plans (and the watchdog)."""
+        with self._lock:
+            conns = [c for c in self.connections if c.exchange == exchange and not c.stopped]
+        for c in conns:
+            gone = [st for st in c.plan.streams if st.symbol in symbols]
+            if not gone:
+                continue
+            c.plan.streams = [st for st in c.plan.streams if st.symbol not in symbols]
+            for st in gone:
+                c.subscribed.pop(st.key, None)
+            if c.connected and c.app is not None:
+                for text, _rid, _keys in c.adapter.unsubscribe_messages(gone, self.next_request_id(len(gone))):
+                    try:
+                        c.app.send(text)
+                    except Exception:  # noqa: BLE001 - a reconnect uses the new plan anyway
+                        break
+                    time.sleep(c.adapter.SUBSCRIBE_INTERVAL_S)
+
+    def on_drop(self, conn: Connection) -> None:
+        self._drop_log(logging.WARNING, "queue_full_drop", key=conn.exchange, exchange=conn.exchange,
+                       dropped_total=conn.dropped, queue_size=self.queue.qsize(),
+                       queue_capacity=self.queue.maxsize)
+
+    def on_control(self, exchange: str, conn_id: int, ctrl: Control) -> None:
+        """Called by the writer thread for every non-data frame it parsed."""
+        conn = self.by_conn_id.get(conn_id)
+        if conn is not None:
+            conn.on_control(ctrl)
+        elif ctrl.kind == "error":
+            self.state.count("subscription_errors", exchange)
+            log.warning("subscription_error", extra={"exchange": exchange, "conn_id": conn_id,
+                                                     "detail": ctrl.detail})
+
+    def rotate(self, old: Connection, reason: str) -> None:
+        """Open a replacement with the same streams; the old one closes once it delivers."""
+        with self._lock:
+            if old.replacement is not None or old.stopped:
+                return
+            old.replacing_since = time.monotonic()
+            plan = ConnectionPlan(old.plan.exchange, old.plan.path, list(old.plan.streams))
+        log.info("ws_rotate", extra={"exchange": old.exchange, "conn": old.name, "reason": reason})
+        old.replacement = self.add_plan(plan)
+
+    def _retire(self, conn: Connection, reason: str) -> None:
+        conn.stop(reason)
+        with self._lock:
+            if conn in self.connections:
+                self.connections.remove(conn)
+        threading.Thread(target=self._finish_retire, args=(conn,), daemon=True).start()
+
+    def _finish_retire(self, conn: Connection) -> None:
+        conn.join(10)
+        self.state.retire_connection(conn)
+
+    def _max_age(self, exchange: str) -> float | None:
+        if self.settings.connection_max_age > 0:
+            return self.settings.connection_max_age
+        return self.adapters[exchange].MAX_CONNECTION_AGE_S
+
+    def _watchdog(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                self.check(time.time())
+            except Exception as e:  # noqa: BLE001 - the watchdog must survive anything
+                log.error("watchdog_error", extra={"error": repr(e)})
+
+    def check(self, now: float) -> None:
+        s = self.settings
+        with self._lock:
+            conns = list(self.connections)
+        now_ns = int(now * 1e9)
+        for c in conns:
+            if c.stopped:
+                continue
+            c.ping(now)
+            if c.connected and now_ns - c.last_frame_ns > s.stale_timeout * 1e9:
+                log.warning("ws_stale", extra={"exchange": c.exchange, "conn": c.name,
+                                               "silent_s": round((now_ns - c.last_frame_ns) / 1e9, 1)})
+                c.close("stale: no frames", abort=True)
+            max_age = self._max_age(c.exchange)
+            if max_age and c.connected and c.connected_since and now - c.connected_since > max_age:
+                self.rotate(c, "max_age")
+            r = c.replacement
+            if r is not None and (r.received > 0 and r.subscribed or
+                                  time.monotonic() - c.replacing_since > 30):
+                self._retire(c, "rotated")
+            self._check_silence(c, now, now_ns)
+
+    def _check_silence(self, c: Connection, now: float, now_ns: int) -> None:
+        s = self.settings
+        seen = self.last_seen.get(c.exchange, {})
+        silent_map = self.state.silent_streams[c.exchange]
+        for stream in c.plan.streams:
+            key = (c.exchange, stream.key)
+            since = c.subscribed.get(stream.key)
+            if since is None or not c.connected:
+                continue
+            last = max(seen.get(stream.key, 0) / 1e9, since)
+            limit = max(s.silence_floor, s.silence_factor * (stream.cadence_s or 0))
+            if now - last > limit:
+                if key not in self._silent:
+                    self._silent[key] = last
+                    silent_map[stream.key] = last
+                    log.warning("stream_silent", extra={"exchange": c.exchange, "stream": stream.key,
+                                                        "conn": c.name, "silent_s": round(now - last, 1)})
+            elif key in self._silent:
+                del self._silent[key]
+                silent_map.pop(stream.key, None)
+                log.info("stream_resumed", extra={"exchange": c.exchange, "stream": stream.key})

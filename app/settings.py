@@ -1,0 +1,237 @@
+"""The one Settings object: settings.ini (or --config) -> environment (+ .env) -> flags.
+
+Every key has one definition below (section, type, default, check), so that loading,
+validation, the environment name (the key in upper case) and the log of what was used all come
+from the same table. A bad value raises SettingsError naming the key; bin/collector exits 2.
+"""
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from app.exchanges import EXCHANGES
+from app.schema import DATASETS
+
+
+class SettingsError(ValueError):
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"invalid setting {key}: {reason}")
+        self.key = key
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _bool(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _positive(v):
+    if v <= 0:
+        raise ValueError("must be > 0")
+
+
+def _port(v):
+    if not 0 <= v <= 65535:
+        raise ValueError("must be a port number 0-65535")
+
+
+def _nonempty(values):
+    if not values:
+        raise ValueError("must not be empty")
+
+
+def _subset(allowed):
+    def check(values):
+        _nonempty(values)
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise ValueError(f"unknown {', '.join(bad)} (allowed: {', '.join(allowed)})")
+    return check
+
+
+def _one_of(*allowed):
+    def check(v):
+        if v not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+    return check
+
+
+def _url(*schemes):
+    def check(v):
+        if not re.match(rf"^({'|'.join(schemes)})://[^/\s]+", v):
+            raise ValueError(f"must be a {' or '.join(schemes)} URL")
+    return check
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    section: str
+    kind: Callable[[str], Any]
+    default: Any
+    check: Callable[[Any], None] | None = None
+    secret: bool = False
+    help: str = ""
+
+
+KEYS = [
+    Key("symbols", "collector", _csv, ["BTCUSDT", "ETHUSDT"], _nonempty,
+        help="symbols to record; ALL = every USDT/USDC linear perpetual"),
+    Key("exchanges", "collector", _csv, list(EXCHANGES), _subset(EXCHANGES)),
+    Key("datasets", "collector", _csv, list(DATASETS), _subset(DATASETS)),
+    Key("instance_id", "collector", str, None),
+    Key("discovery_interval", "collector", float, 3600.0, _positive),
+    Key("storage_backend", "storage", str, "local", _one_of("local", "s3")),
+    Key("data_dir", "storage", str, "./data"),
+    Key("s3_endpoint", "storage", str, ""),
+    Key("s3_bucket", "storage", str, ""),
+    Key("s3_prefix", "storage", str, ""),
+    Key("s3_region", "storage", str, "us-east-1"),
+    Key("flush_interval", "storage", float, 2.0, _positive),
+    Key("rotate_interval", "storage", float, 60.0, _positive),
+    Key("spool_max_bytes", "storage", int, 50 * 1024**3, _positive),
+    Key("upload_concurrency", "storage", int, 4, _positive),
+    Key("queue_maxsize", "queue", int, 1_000_000, _positive),
+    Key("writer_batch", "queue", int, 20_000, _positive),
+    Key("status_host", "status", str, "127.0.0.1"),
+    Key("status_port", "status", int, 8000, _port),
+    Key("heartbeat_interval", "status", float, 30.0, _positive),
+    Key("degraded_queue_ratio", "status", float, 0.8, _positive),
+    Key("degraded_gap_rate", "status", float, 10.0, _positive,
+        help="gaps per minute (over the last window) above which the state is DEGRADED"),
+    Key("reconnect_min", "feed", float, 0.5, _positive),
+    Key("reconnect_max", "feed", float, 30.0, _positive),
+    Key("reconnect_stable_after", "feed", float, 60.0, _positive),
+    Key("stale_timeout", "feed", float, 60.0, _positive,
+        help="a connection with no frame (data, pong, ping) for this long is dead"),
+    Key("silence_factor", "feed", float, 10.0, _positive),
+    Key("silence_floor", "feed", float, 120.0, _positive,
+        help="a subscribed stream silent this long (and > factor x its cadence) is reported"),
+    Key("max_streams_per_connection", "feed", int, 200, _positive),
+    Key("connection_max_age", "feed", float, 0.0,
+        help="seconds before a connection is rotated; 0 = the exchange's own rule"),
+    Key("gap_time_factor", "gaps", float, 10.0, _positive),
+    Key("gap_time_floor", "gaps", float, 60.0, _positive),
+    Key("rest_budget_per_min", "gaps", float, 600.0, _positive),
+]
+for _ex, _ws, _rest in (("binance", "wss://fstream.binance.com", "https://fapi.binance.com"),
+                        ("bybit", "wss://stream.bybit.com", "https://api.bybit.com"),
+                        ("okx", "wss://ws.okx.com:8443", "https://www.okx.com")):
+    KEYS.append(Key(f"{_ex}_ws_url", _ex, str, _ws, _url("ws", "wss")))
+    KEYS.append(Key(f"{_ex}_rest_url", _ex, str, _rest, _url("http", "https")))
+KEYS_BY_NAME = {k.name: k for k in KEYS}
+_AWS_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+class Settings:
+    """Typed, validated settings; attribute per key (settings.data_dir, settings.symbols...)."""
+
+    def __init__(self, values: dict[str, Any], sources: dict[str, str]):
+        self._values = values
+        self._sources = sources
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def replace(self, **changes) -> "Settings":
+        values = dict(self._values)
+        for k, v in changes.items():
+            if k not in KEYS_BY_NAME:
+                raise KeyError(k)
+            values[k] = v
+        return Settings(values, dict(self._sources, **{k: "override" for k in changes}))
+
+    def public(self) -> dict[str, Any]:
+        """All settings for logs and the status API, secrets masked."""
+        return {k.name: ("***" if k.secret and self._values[k.name] else self._values[k.name]) for k in KEYS}
+
+    def ws_url(self, exchange: str) -> str:
+        return self._values[f"{exchange}_ws_url"]
+
+    def rest_url(self, exchange: str) -> str:
+        return self._values[f"{exchange}_rest_url"]
+
+
+def _read_dotenv(path: str) -> dict[str, str]:
+    if not os.path.exists(path):
+        return {}
+    from dotenv import dotenv_values
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+def load(config_file: str | None = None, flags: dict[str, Any] | None = None,
+         environ: dict[str, str] | None = None, dotenv_path: str = ".env") -> Settings:
+    """Merge the layers and validate; raises SettingsError naming the first bad key."""
+    raw: dict[str, str] = {}
+    sources: dict[str, str] = {}
+    path = config_file or "settings.ini"
+    if config_file and not os.path.exists(config_file):
+        raise SettingsError("config", f"file not found: {config_file}")
+    if os.path.exists(path):
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            parser.read(path)
+        except configparser.Error as e:
+            raise SettingsError("config", f"{path}: {e}") from None
+        known = {k.name for k in KEYS}
+        for section in parser.sections():
+            for name, value in parser.items(section):
+                if name not in known:
+                    raise SettingsError(name, f"unknown key in [{section}] of {path}")
+                if KEYS_BY_NAME[name].section != section:
+                    raise SettingsError(name, f"belongs in [{KEYS_BY_NAME[name].section}], found in [{section}]")
+                raw[name] = value
+                sources[name] = path
+    env = dict(_read_dotenv(dotenv_path))
+    env.update(os.environ if environ is None else environ)
+    for k in KEYS:
+        if k.name.upper() in env:
+            raw[k.name] = env[k.name.upper()]
+            sources[k.name] = "environment"
+    for name, value in (flags or {}).items():
+        if value is not None:
+            raw[name] = value
+            sources[name] = "flag"
+    values: dict[str, Any] = {}
+    for k in KEYS:
+        if k.name in raw:
+            value = raw[k.name]
+            try:
+                value = k.kind(value) if isinstance(value, str) else value
+                if k.check:
+                    k.check(value)
+            except (ValueError, TypeError) as e:
+                raise SettingsError(k.name, f"{raw[k.name]!r}: {e}") from None
+        else:
+            value = list(k.default) if isinstance(k.default, list) else k.default
+        values[k.name] = value
+    if not values["instance_id"]:
+        values["instance_id"] = socket.gethostname()
+    if not re.match(r"^[A-Za-z0-9_.-]+$", values["instance_id"]):
+        raise SettingsError("instance_id", "only letters, digits, '_', '.', '-' are allowed")
+    if values["storage_backend"] == "s3" and not values["s3_bucket"]:
+        raise SettingsError("s3_bucket", "required when storage_backend = s3")
+    if values["s3_endpoint"]:
+        try:
+            _url("http", "https")(values["s3_endpoint"])
+        except ValueError as e:
+            raise SettingsError("s3_endpoint", str(e)) from None
+    if values["reconnect_max"] < values["reconnect_min"]:
+        raise SettingsError("reconnect_max", "must be >= reconnect_min")
+    if values["rotate_interval"] < values["flush_interval"]:
+        raise SettingsError("rotate_interval", "must be >= flush_interval")
+    return Settings(values, sources)
