@@ -45,7 +45,10 @@ def discover(adapter, rest_url: str, session: requests.Session | None = None, **
     for _page in range(100):
         path, params = adapter.discovery_request(cursor)
         body = fetch_json(session, rest_url.rstrip("/") + path, params, **kw)
-        page = adapter.parse_discovery(body)
+        try:
+            page = adapter.parse_discovery(body)
+        except (ValueError, KeyError, TypeError) as e:
+            raise DiscoveryError(f"{rest_url}{path}: unexpected answer: {e}") from None
         instruments.extend(page.instruments)
         for reason, n in page.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n

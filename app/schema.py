@@ -107,6 +107,11 @@ class RowError(ValueError):
     """A value that cannot become its column's type (or a missing required value)."""
 
 
+def _blank_to_null(arr: pa.Array) -> pa.Array:
+    """Exchanges send "" for an absent value (OKX nextFundingRate, Bybit pre-listing fields)."""
+    return pc.if_else(pc.equal(arr, ""), pa.scalar(None, pa.string()), arr)
+
+
 def _fast_array(values: list, field: pa.Field, kind: str) -> pa.Array:
     if kind == "str":
         try:
@@ -117,18 +122,16 @@ def _fast_array(values: list, field: pa.Field, kind: str) -> pa.Array:
         try:
             arr = pa.array(values, type=field.type)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError):
-            arr = pc.cast(pa.array(values, type=pa.string()), field.type)
+            arr = pc.cast(_blank_to_null(pa.array(values, type=pa.string())), field.type)
     elif kind == "ms":
         try:
             arr = pa.array(values, type=pa.int64())
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
-            arr = pc.cast(pa.array(values, type=pa.string()), pa.int64())
+            arr = pc.cast(_blank_to_null(pa.array(values, type=pa.string())), pa.int64())
         arr = pc.multiply_checked(arr, NS_PER_MS)
     elif kind == "dec":
         try:
-            raw = pa.array(values, type=pa.string())
-            raw = pc.if_else(pc.equal(raw, ""), pa.scalar(None, pa.string()), raw)
-            arr = pc.cast(raw, pa.float64())
+            arr = pc.cast(_blank_to_null(pa.array(values, type=pa.string())), pa.float64())
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
             arr = pa.array(values, type=pa.float64())
     else:  # pragma: no cover - table above is closed

@@ -40,7 +40,7 @@ from .sources import Inst, next_funding
 TOPIC_PREFIXES = ("orderbook.1.", "publicTrade.", "tickers.")
 OTHER_OK = ("orderbook.50.", "orderbook.200.", "orderbook.500.", "kline.1.", "liquidation.",
             "allLiquidation.")
-MARK_KEYS = ("markPrice", "indexPrice")
+MARK_KEYS = ("markPrice",)  # mark_px is required: an index-only delta is no mark_price row
 FUND_KEYS = ("fundingRate", "nextFundingTime", "fundingIntervalHour")
 OI_KEYS = ("openInterest", "openInterestValue")
 OB = ('{"topic":"orderbook.1.%s","ts":%d,"type":"snapshot","data":{"s":"%s","b":[["%s","%s"]],'

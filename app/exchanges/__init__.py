@@ -10,6 +10,7 @@ Every module exposes the same names:
     NAME                      "binance" | "bybit" | "okx"
     KEEPALIVE                 Keepalive: what the client must send to stay connected
     MAX_CONNECTION_AGE_S      rotate a connection before the server's forced close (or None)
+    CONNECT_INTERVAL_S        minimum spacing of new connections (per exchange, per IP)
     SUBSCRIBE_INTERVAL_S      pause between subscribe messages on one connection
     GAP_RULES                 {dataset: SequenceRule} for streams whose ids allow exact loss counts
     ws_url(base, path)        full WebSocket URL of a connection
@@ -120,6 +121,14 @@ class RowSink:
                "funding": self.funding, "open_interest": self.open_interest}
         self.bbo, self.trades, self.mark_price, self.funding, self.open_interest = [], [], [], [], []
         return out
+
+    def extend(self, other: "RowSink") -> None:
+        """Add another sink's rows (a frame whose items are all valid)."""
+        self.bbo += other.bbo
+        self.trades += other.trades
+        self.mark_price += other.mark_price
+        self.funding += other.funding
+        self.open_interest += other.open_interest
 
     def pending(self) -> int:
         return (len(self.bbo) + len(self.trades) + len(self.mark_price) + len(self.funding)

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import ujson
 
-from app.exchanges import (Control, Discovery, FrameError, Instrument, Keepalive, SequenceRule,
-                           Stream, chunked, split_by_path)
+from app.exchanges import (Control, Discovery, FrameError, Instrument, Keepalive, RowSink,
+                           SequenceRule, Stream, chunked, split_by_path)
 
 NAME = "binance"
 KEEPALIVE = Keepalive("protocol", "", 30.0)   # server pings every 3 min; our pings prove liveness
 MAX_CONNECTION_AGE_S = 23.5 * 3600            # the server closes at 24 h: rotate before
+CONNECT_INTERVAL_S = 0.2                      # connection rate per IP unconfirmed: stay modest
 SUBSCRIBE_INTERVAL_S = 0.25                   # <= 10 inbound messages/s, pings included
 MAX_STREAMS_PER_CONNECTION = 200              # documented 1024 (2026) / 200 (older): be safe
 PARAMS_PER_REQUEST = 100
@@ -40,6 +41,8 @@ def discovery_request(cursor: str | None) -> tuple[str, dict]:
 
 
 def parse_discovery(body: dict) -> Discovery:
+    if not isinstance(body, dict) or not isinstance(body.get("symbols"), list):
+        raise ValueError(f"exchangeInfo without symbols: {str(body)[:200]}")
     found, skipped = [], {}
     for row in body.get("symbols", []):
         if row.get("contractType") != "PERPETUAL":
@@ -144,20 +147,25 @@ def parse(item: tuple, sink) -> Control | None:
     if type(msg) is not dict:
         raise FrameError("not a JSON object")
     data = msg.get("data")
-    if data is not None:
-        stream = msg["stream"]
-        sink.last_seen[stream] = ts_recv
-        if type(data) is list:      # all-market array streams
-            for d in data:
-                _event(d, stream, ts_recv, conn_id, recv_seq, sink)
-        else:
-            _event(data, stream, ts_recv, conn_id, recv_seq, sink)
-        return None
-    if "e" in msg and "s" in msg:   # raw (non-combined) mode
-        stream = f"{msg['s'].lower()}@{msg['e']}"
-        sink.last_seen[stream] = ts_recv
-        _event(msg, stream, ts_recv, conn_id, recv_seq, sink)
-        return None
+    try:
+        if data is not None:
+            stream = msg["stream"]
+            if type(data) is list:      # all-market array: all items or none
+                part = RowSink()
+                for d in data:
+                    _event(d, stream, ts_recv, conn_id, recv_seq, part)
+                sink.extend(part)
+            else:
+                _event(data, stream, ts_recv, conn_id, recv_seq, sink)
+            sink.last_seen[stream] = ts_recv
+            return None
+        if "e" in msg and "s" in msg:   # raw (non-combined) mode
+            stream = f"{msg['s'].lower()}@{msg['e']}"
+            _event(msg, stream, ts_recv, conn_id, recv_seq, sink)
+            sink.last_seen[stream] = ts_recv
+            return None
+    except (KeyError, TypeError, AttributeError) as e:
+        raise FrameError(f"malformed data frame: {e!r}") from None
     if "result" in msg and "id" in msg:
         return Control("ack" if msg["result"] is None else "info", msg["id"], ujson.dumps(msg["result"]))
     if "code" in msg:

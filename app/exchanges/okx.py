@@ -1,0 +1,260 @@
+"""OKX v5 linear perpetual swaps (USDT and USDC margined): protocol only (see shared/exchanges/okx.md).
+
+Every channel we use lives on `/ws/v5/public`. Stream keys are `<channel>:<instId>`
+(`bbo-tbt:BTC-USDT-SWAP`); frames name both in their `arg`, so `parse` rebuilds the key.
+
+    bbo            bbo-tbt        (10 ms on change; the latest snapshot is re-sent after ~60 s unchanged)
+    trades         trades         (aggregated per taker order and price; event driven)
+    mark_price     mark-price     (200 ms on change, otherwise every 10 s)
+    funding        funding-rate   (every 30-90 s)
+    open_interest  open-interest  (every 3 s *when it changes*: silence is normal, so no cadence)
+
+Why `trades` and not `trades-all`: `trades` is on `/public` with the other four channels (one
+connection family instead of two), sends fewer frames, and its `count` gives an exact loss rule
+(`tradeId - count == previous tradeId`, derived from the documented aggregation "tradeId 123 with
+count 3 aggregates 123, 122 and 121"). `trades-all` lives on `/business`, has no count, and its +1
+rule is unconfirmed for SWAPs.
+
+Keepalive: text `ping` every 20 s (the server closes after 30 s without data), answered by text
+`pong`. No forced periodic close. Subscribe requests are limited to 480 per hour per connection and
+64 KB of args each, so each request carries up to ARGS_PER_REQUEST args. OKX ACKs every arg with its
+own event, so each ACK Control names its one stream key.
+
+Rows (one per `data[]` item, as received; sizes and open interest in CONTRACTS):
+
+- bbo-tbt -> bbo: bid/ask = first `[px, sz, "0", n]` entry of bids/asks (empty side -> nulls),
+  ts_event = `ts` (matching-engine time), ts_exchange null (OKX sends no push time),
+  seq = `seqId` (null in frames before 2022-H2), update_id null.
+- trades -> trades: trade_id = `tradeId`, price `px`, size `sz` (contracts), side `side` (taker),
+  ts_event = `ts` (fill time), ts_exchange null. last_trade_id = `tradeId` (the last id of the
+  aggregation); trade_count = `count`, and first_trade_id = tradeId - count + 1, only when the frame
+  carries `count` (frames before 2022 do not: then both are null, nothing is assumed). is_block null.
+- mark-price -> mark_price: mark_px = `markPx`, ts_exchange = `ts` (data time); index and
+  estimated settlement prices are not on this channel (null).
+- funding-rate -> funding: funding_rate = `fundingRate` (absent in some old frames -> null),
+  funding_time = `fundingTime`, next_funding_time = `nextFundingTime`, next_funding_rate =
+  `nextFundingRate` (deprecated, usually ""), ts_exchange = `ts` when sent. NOTE: OKX's
+  `fundingTime` is the UPCOMING settlement that `fundingRate` applies at (what Binance and Bybit
+  write to next_funding_time) and `nextFundingTime` is the one after it. Names are kept as OKX
+  sends them; across exchanges the settlement of funding_rate is coalesce(funding_time,
+  next_funding_time). funding_interval_h is null (OKX sends no interval; it is the difference).
+- open-interest -> open_interest: open_interest = `oi` (contracts), open_interest_value = `oiUsd`
+  (USD; absent in old frames -> null). `oiCcy` (base coin = oi x ctVal x ctMult) is not stored: it
+  is derivable from the reference data and the schema has no column for it.
+
+Non-SWAP instruments (a FUTURES `FIL-USDT-220325` in the samples) still parse: it is what was
+received; their `instrument` is their own instId, since they are not perpetuals.
+
+Control frames: `subscribe` event -> "ack" (keys = the arg's stream key, request_id = our int id);
+`unsubscribe` -> "info"; `error` -> "error" ("<code>: <msg>", keys when an arg is named);
+`notice` (64008: closing for an upgrade in ~60 s) -> "notice"; text `pong` -> "pong"; any other
+event (e.g. channel-conn-count) -> "info".
+"""
+from __future__ import annotations
+
+import ujson
+
+from app.exchanges import (Control, Discovery, FrameError, Instrument, Keepalive, SequenceRule,
+                           Stream, split_by_path)
+
+NAME = "okx"
+PATH = "/ws/v5/public"
+KEEPALIVE = Keepalive("text", "ping", 20.0)       # server closes after 30 s of silence
+MAX_CONNECTION_AGE_S = None                       # no documented forced close
+CONNECT_INTERVAL_S = 0.4                          # <= 3 new connections per second per IP
+SUBSCRIBE_INTERVAL_S = 0.25                       # "60014 requests too frequent" rate undocumented
+MAX_STREAMS_PER_CONNECTION = 200                  # no documented cap on public channels; be modest
+ARGS_PER_REQUEST = 100                            # 480 (un)subscribe requests per hour per connection
+ARGS_BYTES_PER_REQUEST = 64 * 1024 - 512          # 64 KB args limit, with room for the envelope
+GAP_RULES = {"trades": SequenceRule("last_trade_id", count_column="trade_count")}
+UNSUPPORTED_DATASETS: dict = {}
+_SETTLE = ("USDT", "USDC")
+
+_CHANNELS = {  # dataset -> (channel, cadence)
+    "bbo": ("bbo-tbt", 60.0),
+    "trades": ("trades", None),
+    "mark_price": ("mark-price", 10.0),
+    "funding": ("funding-rate", 90.0),
+    "open_interest": ("open-interest", None),
+}
+_PONG = Control("pong")
+
+
+def ws_url(base: str, path: str) -> str:
+    return f"{base.rstrip('/')}{path}"
+
+
+def discovery_request(cursor: str | None) -> tuple[str, dict]:
+    return "/api/v5/public/instruments", {"instType": "SWAP"}   # one page holds all SWAPs
+
+
+def parse_discovery(body: dict) -> Discovery:
+    if str(body.get("code", "0")) != "0":
+        raise ValueError(f"instruments code {body.get('code')}: {body.get('msg')}")
+    found, skipped = [], {}
+    for row in body.get("data", []):
+        inst_id = row.get("instId") or ""
+        if row.get("instType") != "SWAP":
+            reason = f"inst_type:{row.get('instType')}"
+        elif row.get("ctType") != "linear":
+            reason = f"ct_type:{row.get('ctType') or 'none'}"
+        elif inst_id.endswith("_UM-SWAP"):
+            reason = "usd_margined"          # BTC-USD_UM-SWAP: USD / several stable coins
+        elif row.get("settleCcy") not in _SETTLE:
+            reason = f"settle:{row.get('settleCcy')}"
+        elif row.get("state") != "live":
+            reason = f"state:{row.get('state')}"
+        else:
+            base = inst_id.split("-", 1)[0]
+            listed = row.get("listTime")
+            found.append(Instrument(
+                exchange=NAME, symbol=inst_id, instrument=f"{base}-{row['settleCcy']}-PERP",
+                base=base, quote=row["settleCcy"], status=row["state"], contract_type=row["ctType"],
+                tick_size=row.get("tickSz") or None, lot_size=row.get("lotSz") or None,
+                contract_value=row.get("ctVal") or None,
+                contract_multiplier=row.get("ctMult") or None,
+                listed_ms=int(listed) if listed else None))
+            continue
+        skipped[reason] = skipped.get(reason, 0) + 1
+    return Discovery(found, skipped, None)
+
+
+_unified_cache: dict[str, str] = {}
+
+
+def unified(symbol: str) -> str:
+    """`BTC-USDT-SWAP` -> `BTC-USDT-PERP`; a non-SWAP instId keeps its own name."""
+    inst = _unified_cache.get(symbol)
+    if inst is None:
+        inst = f"{symbol[:-5]}-PERP" if symbol.endswith("-SWAP") and len(symbol) > 5 else symbol
+        _unified_cache[symbol] = inst
+    return inst
+
+
+def streams_for(inst: Instrument, datasets) -> list[Stream]:
+    out = []
+    for ds in datasets:
+        if ds not in _CHANNELS:
+            continue
+        channel, cadence = _CHANNELS[ds]
+        out.append(Stream(f"{channel}:{inst.symbol}", inst.symbol, channel, (ds,), PATH, cadence))
+    return out
+
+
+def plan_connections(streams: list[Stream], max_per_conn: int = MAX_STREAMS_PER_CONNECTION):
+    return split_by_path(NAME, streams, max_per_conn)
+
+
+def _requests(op: str, streams: list[Stream], first_id: int):
+    """Chunks of <= ARGS_PER_REQUEST args and <= ARGS_BYTES_PER_REQUEST bytes of args each."""
+    parts, part, size = [], [], 0
+    for s in streams:
+        n = len(s.channel) + len(s.symbol) + 30    # {"channel":"..","instId":".."},
+        if part and (len(part) >= ARGS_PER_REQUEST or size + n > ARGS_BYTES_PER_REQUEST):
+            parts.append(part)
+            part, size = [], 0
+        part.append(s)
+        size += n
+    if part:
+        parts.append(part)
+    out = []
+    for i, part in enumerate(parts):
+        rid = first_id + i
+        args = [{"channel": s.channel, "instId": s.symbol} for s in part]
+        out.append((ujson.dumps({"id": str(rid), "op": op, "args": args}), rid,
+                    tuple(s.key for s in part)))
+    return out
+
+
+def subscribe_messages(streams: list[Stream], first_id: int):
+    return _requests("subscribe", streams, first_id)
+
+
+def unsubscribe_messages(streams: list[Stream], first_id: int):
+    return _requests("unsubscribe", streams, first_id)
+
+
+def _request_id(rid):
+    """Our ids are the decimal text of the int id subscribe_messages returned."""
+    if type(rid) is str and rid.isdigit():
+        return int(rid)
+    return rid or None
+
+
+def _control(msg: dict, event) -> Control:
+    arg = msg.get("arg")
+    keys = ()
+    if type(arg) is dict and "channel" in arg:
+        target = arg.get("instId") or arg.get("instFamily") or arg.get("instType") or ""
+        keys = (f"{arg['channel']}:{target}",)
+    rid = _request_id(msg.get("id"))
+    if event == "subscribe":
+        return Control("ack", rid, "", keys)
+    if event == "error":
+        return Control("error", rid, f"{msg.get('code')}: {msg.get('msg', '')}", keys)
+    if event == "notice":
+        return Control("notice", rid, f"{msg.get('code')}: {msg.get('msg', '')}", keys)
+    if type(event) is str:        # unsubscribe, channel-conn-count, login, ...
+        detail = f"{event} {msg['code']}: {msg.get('msg', '')}" if "code" in msg else event
+        return Control("info", rid, detail, keys)
+    raise FrameError("unrecognised event")
+
+
+def _data(channel: str, inst_id: str, data: list, ts_recv: int, conn_id: int, recv_seq: int, sink) -> None:
+    inst = _unified_cache.get(inst_id) or unified(inst_id)
+    # every list is built completely before extending the sink: a bad item leaves no partial frame
+    if channel == "bbo-tbt":
+        rows = []
+        for d in data:
+            b, a = d["bids"], d["asks"]
+            rows.append((inst_id, inst, d.get("ts"), None, ts_recv, conn_id, recv_seq,
+                         b[0][0] if b else None, b[0][1] if b else None,
+                         a[0][0] if a else None, a[0][1] if a else None, None, d.get("seqId")))
+        sink.bbo.extend(rows)
+    elif channel == "trades":
+        rows = []
+        for d in data:
+            tid, count = d["tradeId"], d.get("count")
+            first = int(tid) - int(count) + 1 if count else None
+            rows.append((inst_id, inst, d.get("ts"), None, ts_recv, conn_id, recv_seq,
+                         tid, d["px"], d["sz"], d["side"], first, tid, count or None, None))
+        sink.trades.extend(rows)
+    elif channel == "mark-price":
+        sink.mark_price.extend([(inst_id, inst, None, d.get("ts"), ts_recv, conn_id, recv_seq,
+                                 d["markPx"], None, None) for d in data])
+    elif channel == "funding-rate":
+        sink.funding.extend([(inst_id, inst, None, d.get("ts"), ts_recv, conn_id, recv_seq,
+                              d.get("fundingRate"), d.get("nextFundingTime") or None,
+                              d.get("fundingTime") or None, d.get("nextFundingRate"), None)
+                             for d in data])
+    elif channel == "open-interest":
+        sink.open_interest.extend([(inst_id, inst, None, d.get("ts"), ts_recv, conn_id, recv_seq,
+                                    d["oi"], d.get("oiUsd")) for d in data])
+    else:
+        raise FrameError(f"unknown channel {channel!r}")
+
+
+def parse(item: tuple, sink) -> Control | None:
+    """One queue item -> rows appended to sink, or a Control for a non-data frame."""
+    _, conn_id, recv_seq, ts_recv, payload = item
+    if payload == b"pong" or payload == "pong":
+        return _PONG
+    msg = ujson.loads(payload)
+    if type(msg) is not dict:
+        raise FrameError("not a JSON object")
+    data = msg.get("data")
+    if data is not None:
+        try:
+            arg = msg["arg"]
+            channel, inst_id = arg["channel"], arg["instId"]
+            if type(data) is not list:
+                raise FrameError(f"{channel} data is not a list")
+            _data(channel, inst_id, data, ts_recv, conn_id, recv_seq, sink)
+        except (TypeError, IndexError, AttributeError) as exc:   # wrong shapes inside a frame
+            raise FrameError(f"malformed data frame: {exc}") from None
+        sink.last_seen[f"{channel}:{inst_id}"] = ts_recv
+        return None
+    event = msg.get("event")
+    if event is None:
+        raise FrameError("unrecognised message")
+    return _control(msg, event)
