@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -188,11 +189,13 @@ class Writer(threading.Thread):
         self.spool_dir = os.path.join(self.data_dir, "spool")
         os.makedirs(self.spool_dir, exist_ok=True)
         self.parsers = {name: a.parse for name, a in adapters.items()}
+        self.datasets = set(settings.datasets)   # a channel may feed more than was asked for
         self.sinks = {name: RowSink() for name in adapters}
         self.last_seen = {name: sink.last_seen for name, sink in self.sinks.items()}
         self.frames: dict[str, list] = {name: [] for name in adapters}
         self.spools: dict[tuple[str, str, str], Spool] = {}
         self.observers: list = []      # callables(exchange, dataset, table) after each flush
+        self.storage = storage
         self.finalizer = Finalizer(self.data_dir, storage, state)
         self._seq = 0
         self._stopping = threading.Event()
@@ -217,6 +220,8 @@ class Writer(threading.Thread):
             batch = self._take(q)
             if batch:
                 self.process(batch)
+                if s.writer_throttle_s:
+                    time.sleep(s.writer_throttle_s)
             elif self._stopping.is_set():
                 break
             else:
@@ -282,6 +287,9 @@ class Writer(threading.Thread):
 
     def flush(self) -> None:
         """Append everything received since the last flush to the spools and fsync them."""
+        if not self.storage.accepting():
+            self._drop_spool_full()
+            return
         wrote = False
         for ex in self.adapters:
             items = self.frames[ex]
@@ -293,7 +301,7 @@ class Writer(threading.Thread):
                 self.state.count("frames_non_utf8", ex, bad_utf8)
             tables = [("frames", frames)]
             for dataset, rows in self.sinks[ex].take().items():
-                if rows:
+                if rows and dataset in self.datasets:
                     table, rejected = schema.build_table(dataset, ex, rows)
                     if rejected:
                         self.state.count("rows_rejected", ex, rejected, dataset)
@@ -318,6 +326,20 @@ class Writer(threading.Thread):
         self._pending_frames = 0
         self.state.writer_oldest_pending_ns = None
 
+    def _drop_spool_full(self) -> None:
+        """The spool is at its disk budget (storage.accepting() is False, e.g. a long S3
+        outage): this flush's frames are dropped and counted per exchange; files already
+        spooled are never touched."""
+        for ex in self.adapters:
+            items, self.frames[ex] = self.frames[ex], []
+            self.sinks[ex].take()
+            if items:
+                self.state.count("frames_dropped_spool_full", ex, len(items))
+                self._error_log(logging.ERROR, "spool_full_drop", key=ex, exchange=ex, frames=len(items))
+        self._pending_since_ns = None
+        self._pending_frames = 0
+        self.state.writer_oldest_pending_ns = None
+
     def _append(self, dataset: str, exchange: str, table: pa.Table) -> None:
         for date, part in split_by_date(table):
             key = (dataset, exchange, date)
@@ -337,13 +359,20 @@ class Writer(threading.Thread):
             self.finalizer.jobs.put(spool.path)
 
 
-def recover(data_dir: str, storage, state) -> int:
-    """Turn spool files left by a killed run into Parquet; remove torn temporary files."""
+def recover(data_dir: str, storage, state, instance_id: str | None = None) -> int:
+    """Turn spool files left by a killed run into Parquet; remove torn temporary files.
+
+    With `instance_id`, only that instance's spool and temporary files are touched: processes
+    with distinct instance ids may share one data_dir (supervisord: one program per exchange),
+    and a starting sibling must not finalize or delete files another one is still writing."""
     spool_dir = os.path.join(data_dir, "spool")
     done = 0
     finalizer = Finalizer(data_dir, storage, state)
     if os.path.isdir(spool_dir):
         for name in sorted(os.listdir(spool_dir)):
+            info = parse_spool_name(name)
+            if instance_id is not None and (info is None or info["instance_id"] != instance_id):
+                continue
             if name.endswith(SPOOL_SUFFIX):
                 path = os.path.join(spool_dir, name)
                 if finalizer.finalize(path):
@@ -353,8 +382,15 @@ def recover(data_dir: str, storage, state) -> int:
     for root, _dirs, files in os.walk(raw):
         for f in files:
             if f.startswith(".") and f.endswith(".tmp"):
+                own = _TMP_NAME.match(f)
+                if instance_id is not None and (own is None or own.group(1) != instance_id):
+                    continue
                 os.remove(os.path.join(root, f))
     return done
+
+
+# ".<parquet_name>.tmp": ".i-<instance>-<run id: YYYYMMDDTHHMMSSZ + 4 hex>-<seq>.parquet.tmp"
+_TMP_NAME = re.compile(r"^\.i-(.+)-\d{8}T\d{6}Z[0-9a-f]{4}-\d+\.parquet\.tmp$")
 
 
 def write_reference(data_dir: str, storage, exchange: str, instruments: list, fetched_at_ns: int,
