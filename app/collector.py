@@ -19,7 +19,8 @@ import time
 from app import __version__, discovery, logs, storage as storage_mod, writer as writer_mod
 from app.exchanges import load as load_adapter, resolve_symbols
 from app.feed import Manager
-from app.state import State
+from app.state import MONITOR_THREAD, State
+from app.status_api import STATUS_THREAD
 
 log = logs.get()
 
@@ -51,8 +52,10 @@ class Collector:
         self.instruments: dict[str, list] = {}
         self.streams: dict[str, list] = {}
         self.extra_threads: list = []      # status API, heartbeat, gap/alignment: (start, stop)
+        self.extra_threads += [MONITOR_THREAD, STATUS_THREAD]   # state machine + heartbeat; API
         self._stop = threading.Event()
         self._stopped = False
+        self._undiscovered: list = []      # exchanges whose discovery failed at start
 
     # ---- start ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -62,7 +65,7 @@ class Collector:
         os.makedirs(s.data_dir, exist_ok=True)
         self.storage.check()
         self.storage.start()
-        recovered = writer_mod.recover(s.data_dir, self.storage, self.state)
+        recovered = writer_mod.recover(s.data_dir, self.storage, self.state, s.instance_id)
         if recovered:
             log.info("spool_recovery_done", extra={"files": recovered})
         plans = []
@@ -76,6 +79,9 @@ class Collector:
         self.manager.start(plans)
         for start, _stop in self.extra_threads:
             start(self)
+        for name, adapter in self._undiscovered:
+            threading.Thread(target=self._retry_discovery, args=(name, adapter),
+                             name=f"discovery-retry-{name}", daemon=True).start()
         if [x.upper() for x in s.symbols] == ["ALL"]:
             threading.Thread(target=self._rediscover_loop, name="discovery", daemon=True).start()
 
@@ -111,8 +117,9 @@ class Collector:
         try:
             found = self._discover(name, adapter)
         except discovery.DiscoveryError as e:
-            log.error("discovery_failed", extra={"exchange": name, "error": str(e)})
+            log.error("discovery_failed", extra={"exchange": name, "error": str(e), "retry": True})
             self.state.count("discovery_failures", name)
+            self._undiscovered.append((name, adapter))
             return []
         instruments, missing = resolve_symbols(s.symbols, found.instruments)
         if missing:
@@ -124,6 +131,18 @@ class Collector:
         log.info("plan", extra={"exchange": name, "symbols": len(instruments), "streams": len(streams),
                                 "connections": len(plans)})
         return plans
+
+    def _retry_discovery(self, name: str, adapter) -> None:
+        """An exchange whose REST was down at start joins as soon as discovery works."""
+        delay = 30.0
+        while not self._stop.wait(delay):
+            before = len(self._undiscovered)
+            plans = self._plan_exchange(name, adapter)
+            if len(self._undiscovered) == before:     # succeeded
+                for plan in plans:
+                    self.manager.add_plan(plan)
+                return
+            delay = min(600.0, delay * 2)
 
     def _rediscover_loop(self) -> None:
         """With ALL: subscribe new listings, stop delisted ones, log both."""
@@ -164,6 +183,7 @@ class Collector:
             return
         self._stopped = True
         self._stop.set()
+        self.state.stopping = True         # draining: the monitor keeps the state it had
         t0 = time.monotonic()
         if self.manager:
             self.manager.stop()
@@ -174,7 +194,7 @@ class Collector:
                 stop(self)
             except Exception as e:  # noqa: BLE001
                 log.error("stop_error", extra={"error": repr(e)})
-        self.storage.stop(timeout=120)
+        self.storage.stop(timeout=self.settings.upload_stop_timeout)
         counters = self.state.counters()
         log.info("collector_stop", extra={"run_id": self.run_id, "drain_s": round(time.monotonic() - t0, 3),
                                           "counters": counters})
