@@ -32,3 +32,9 @@ def collector_main(argv: list[str]) -> int:
         print(f"collector: {e}", file=sys.stderr)
         logs.get().error("startup_failed", extra={"setting": e.key, "error": str(e)})
         return 2
+
+
+def sanity_main(argv: list[str]) -> int:
+    """bin/check_raw_sanity: verify stored RAW data (see app/sanity.py)."""
+    from app.sanity import main
+    return main(argv)

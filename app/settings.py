@@ -41,6 +41,13 @@ def _positive(v):
         raise ValueError("must be > 0")
 
 
+def _min(lo):
+    def check(v):
+        if v < lo:
+            raise ValueError(f"must be >= {lo}")
+    return check
+
+
 def _port(v):
     if not 0 <= v <= 65535:
         raise ValueError("must be a port number 0-65535")
@@ -102,14 +109,35 @@ KEYS = [
     Key("rotate_interval", "storage", float, 60.0, _positive),
     Key("spool_max_bytes", "storage", int, 50 * 1024**3, _positive),
     Key("upload_concurrency", "storage", int, 4, _positive),
+    Key("s3_addressing_style", "storage", str, "auto", _one_of("auto", "path", "virtual"),
+        help="auto = path-style when s3_endpoint is set (MinIO, Ceph), the SDK's choice on AWS"),
+    Key("s3_verify", "storage", str, "etag", _one_of("etag", "size"),
+        help="check after upload: etag = size + MD5 ETag (default), size = size only (SSE-KMS)"),
+    Key("s3_multipart_threshold", "storage", int, 16 * 1024**2, _positive,
+        help="bytes: files this large or larger go as a multipart upload"),
+    Key("s3_multipart_chunksize", "storage", int, 16 * 1024**2, _min(5 * 1024**2),
+        help="bytes per multipart part (S3 minimum 5 MiB)"),
+    Key("upload_retry_min", "storage", float, 1.0, _positive,
+        help="seconds: first back-off after a failed upload (doubles up to upload_retry_max)"),
+    Key("upload_retry_max", "storage", float, 30.0, _positive),
+    Key("upload_stop_timeout", "storage", float, 120.0, _positive,
+        help="seconds at shutdown to finish pending uploads; what is left stays for the next start"),
     Key("queue_maxsize", "queue", int, 1_000_000, _positive),
     Key("writer_batch", "queue", int, 20_000, _positive),
+    Key("writer_throttle_s", "queue", float, 0.0,
+        help="testing only: sleep per writer batch, to exercise pressure relief"),
     Key("status_host", "status", str, "127.0.0.1"),
     Key("status_port", "status", int, 8000, _port),
     Key("heartbeat_interval", "status", float, 30.0, _positive),
     Key("degraded_queue_ratio", "status", float, 0.8, _positive),
     Key("degraded_gap_rate", "status", float, 10.0, _positive,
         help="gaps per minute (over the last window) above which the state is DEGRADED"),
+    Key("degraded_window", "status", float, 60.0, _positive,
+        help="seconds: drops and the gap rate are judged over this trailing window"),
+    Key("degraded_spool_ratio", "status", float, 0.9, _positive,
+        help="DEGRADED when the S3 spool (backlog + open spool files) reaches this share of spool_max_bytes"),
+    Key("degraded_upload_age", "status", float, 600.0, _positive,
+        help="seconds: DEGRADED when the oldest file waiting for upload is older than this"),
     Key("reconnect_min", "feed", float, 0.5, _positive),
     Key("reconnect_max", "feed", float, 30.0, _positive),
     Key("reconnect_stable_after", "feed", float, 60.0, _positive),
@@ -121,9 +149,18 @@ KEYS = [
     Key("max_streams_per_connection", "feed", int, 200, _positive),
     Key("connection_max_age", "feed", float, 0.0,
         help="seconds before a connection is rotated; 0 = the exchange's own rule"),
+    Key("keepalive_interval", "feed", float, 0.0,
+        help="seconds between client keepalive pings; 0 = the exchange's own rule"),
     Key("gap_time_factor", "gaps", float, 10.0, _positive),
     Key("gap_time_floor", "gaps", float, 60.0, _positive),
-    Key("rest_budget_per_min", "gaps", float, 600.0, _positive),
+    Key("rest_budget_per_min", "gaps", float, 600.0, _positive,
+        help="REST alignment budget per exchange, in the exchange's units (Binance weight, else requests)"),
+    Key("alignment_max_wait", "gaps", float, 10.0, _positive,
+        help="seconds an alignment may wait for REST budget or a back-off before it is skipped"),
+    Key("alignment_timeout", "gaps", float, 30.0, _positive,
+        help="seconds after a reconnect a trade stream's disconnect gap waits for its first trade"),
+    Key("clock_check_interval", "gaps", float, 300.0, _positive,
+        help="seconds between server-time measurements per exchange (also after each reconnect)"),
 ]
 for _ex, _ws, _rest in (("binance", "wss://fstream.binance.com", "https://fapi.binance.com"),
                         ("bybit", "wss://stream.bybit.com", "https://api.bybit.com"),
@@ -173,6 +210,18 @@ def _read_dotenv(path: str) -> dict[str, str]:
     return {k: v for k, v in dotenv_values(path).items() if v is not None}
 
 
+_AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+            "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_CA_BUNDLE", "AWS_EC2_METADATA_DISABLED")
+
+
+def _export_aws(dotenv: dict[str, str]) -> None:
+    """AWS credentials are not settings: boto3 reads them from the process environment, so the
+    standard AWS variables found in .env are exported (a real environment variable still wins)."""
+    for name in _AWS_ENV:
+        if name in dotenv and name not in os.environ:
+            os.environ[name] = dotenv[name]
+
+
 def load(config_file: str | None = None, flags: dict[str, Any] | None = None,
          environ: dict[str, str] | None = None, dotenv_path: str = ".env") -> Settings:
     """Merge the layers and validate; raises SettingsError naming the first bad key."""
@@ -196,7 +245,10 @@ def load(config_file: str | None = None, flags: dict[str, Any] | None = None,
                     raise SettingsError(name, f"belongs in [{KEYS_BY_NAME[name].section}], found in [{section}]")
                 raw[name] = value
                 sources[name] = path
-    env = dict(_read_dotenv(dotenv_path))
+    dotenv = _read_dotenv(dotenv_path)
+    if environ is None:
+        _export_aws(dotenv)
+    env = dict(dotenv)
     env.update(os.environ if environ is None else environ)
     for k in KEYS:
         if k.name.upper() in env:
@@ -230,6 +282,8 @@ def load(config_file: str | None = None, flags: dict[str, Any] | None = None,
             _url("http", "https")(values["s3_endpoint"])
         except ValueError as e:
             raise SettingsError("s3_endpoint", str(e)) from None
+    if values["upload_retry_max"] < values["upload_retry_min"]:
+        raise SettingsError("upload_retry_max", "must be >= upload_retry_min")
     if values["reconnect_max"] < values["reconnect_min"]:
         raise SettingsError("reconnect_max", "must be >= reconnect_min")
     if values["rotate_interval"] < values["flush_interval"]:
