@@ -19,6 +19,7 @@ import time
 from app import __version__, discovery, logs, storage as storage_mod, writer as writer_mod
 from app.exchanges import load as load_adapter, resolve_symbols
 from app.feed import Manager
+from app.gaps import GAP_THREAD
 from app.state import MONITOR_THREAD, State
 from app.status_api import STATUS_THREAD
 
@@ -53,6 +54,7 @@ class Collector:
         self.streams: dict[str, list] = {}
         self.extra_threads: list = []      # status API, heartbeat, gap/alignment: (start, stop)
         self.extra_threads += [MONITOR_THREAD, STATUS_THREAD]   # state machine + heartbeat; API
+        self.extra_threads.append(GAP_THREAD)     # gap detector + REST alignment (app/gaps.py)
         self._stop = threading.Event()
         self._stopped = False
         self._undiscovered: list = []      # exchanges whose discovery failed at start

@@ -2,7 +2,9 @@
 `publish(local_path, key)` then makes them durable in the configured backend.
 
 LocalStorage: data_dir is the root, so a published file is already in place.
-(The S3 backend, with its upload backlog, lives beside it and has the same interface.)
+S3Storage (app/storage_s3.py) has the same interface: check() at start (raises
+app.collector.StartupError naming the setting), start(), publish() (queues an upload, never
+blocks), accepting() (disk budget), pending_keys(), stop(timeout) (drain, leave the rest).
 """
 from __future__ import annotations
 
@@ -22,6 +24,11 @@ class LocalStorage:
 
     def publish(self, local_path: str, key: str) -> None:
         pass
+
+    def accepting(self) -> bool:
+        """Asked by the writer at every flush: False = drop (and count) new data, the spool is
+        at its disk budget (S3 backend during a long outage). A local root always accepts."""
+        return True
 
     def pending_keys(self) -> list[str]:
         return []
