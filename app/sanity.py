@@ -1,0 +1,1034 @@
+"""The checks behind bin/check_raw_sanity: verify stored RAW data, flag, never fix.
+
+Why a separate pass over stored files: the live collector knows what it saw; this knows what is
+on disk (or in S3) for a day, after uploads, crashes, restarts and several instances. It reads
+with pyarrow, one file at a time, only the columns a check needs, so a day of every perpetual
+(~100 M rows) checks in bounded memory (bench/sanity_large.py measures it).
+
+Checks (exit 2 = schema/readability violation, 1 = findings, 0 = clean):
+
+- schema: each file's Arrow schema equals app.schema.SCHEMAS[dataset] (names, types, order,
+  nullability) and carries REQUIRED_METADATA matching its partition; its exchange column and
+  ts_recv statistics agree with the `exchange=` and `date=` partition; unreadable, truncated or
+  corrupt files are violations.
+- accounting: per run (`run_id`), holes in `recv_seq` over the `frames` of every exchange (the
+  sequence is process-wide). A lost frame's exchange is unknown: a hole is attributed to the
+  exchange of the frames on both sides when they agree, else to both (label "binance|okx").
+  Only holes between the first and last frame of the run inside the checked dates can be seen.
+- gaps: sequence gaps with the adapters' GAP_RULES through app.gaps.SequenceTracker (the live
+  detector's code); time gaps per (exchange, dataset, symbol) for streams with a cadence
+  (app.gaps.TimeGapTracker, limit time_gap_limit_s: max(floor, factor x cadence)), on the
+  stream's first dataset (as live); event-driven streams (trades, Binance bookTicker, OKX open
+  interest) have no time gaps: quiet markets are normal.
+- offline: spans where an exchange has no frame at all for longer than the threshold, from the
+  frames' ts_recv (1-second buckets holding exact min/max, so file order and instances do not
+  matter); by default the start of the first day and the end of the last complete day count
+  as edges (a collector down at midnight is offline); totals per exchange and day.
+- content (flag, never fix): crossed/locked BBO, non-positive prices/sizes, invalid trade side,
+  ts_recv going backwards within a connection, |ts_exchange - ts_recv| over the skew threshold
+  (ts_event where the exchange sends no message time), and duplicate rows within a file
+  (reported, never a finding: Bybit re-sends unchanged snapshots with the same update id).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from app import schema
+from app.exchanges import EXCHANGES, Instrument
+from app.exchanges import load as load_adapter
+from app.gaps import Gap, SequenceTracker, TimeGapTracker, time_gap_limit_s
+
+NS = 1_000_000_000
+BATCH_ROWS = 1_000_000          # rows per record batch of a streamed (large) file
+PREFETCH_FILES = 16             # small files read ahead in threads ...
+PREFETCH_ROWS = 2_000_000       # ... holding at most this many rows
+EX_CODE = {ex: i + 1 for i, ex in enumerate(EXCHANGES)}      # 0 = "not seen" in run bitmaps
+CODE_EX = {v: k for k, v in EX_CODE.items()}
+SCHEMA_KINDS = ("unreadable", "schema")                       # violations whose data is not read
+
+
+# ---- options -------------------------------------------------------------------------------------
+
+@dataclass
+class Options:
+    root: str = "./data"
+    dates: list[str] = field(default_factory=list)
+    exchanges: list[str] | None = None           # None = every exchange found
+    offline_threshold_s: float = 30.0
+    gap_floor_s: float = 60.0                    # settings gap_time_floor
+    gap_factor: float = 10.0                     # settings gap_time_factor
+    skew_threshold_s: float = 5.0
+    day_edges: bool = True
+    max_list: int = 1000                         # per list in the report; totals stay exact
+    s3_endpoint: str = ""
+    s3_region: str = "us-east-1"
+    now_ns: int | None = None                    # tests: "now" for the last-day edge
+    workers: int = 8                             # footer reads in parallel (S3 latency)
+
+
+def parse_duration(text: str) -> float:
+    """'30s', '2m', '1h', '500ms' or a bare number of seconds."""
+    t = text.strip().lower()
+    for suffix, mult in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if t.endswith(suffix):
+            return float(t[:-len(suffix)]) * mult
+    return float(t)
+
+
+def date_range(date: str | None, start: str | None, end: str | None, today: dt.date) -> list[str]:
+    def one(text: str) -> dt.date:
+        if text == "today":
+            return today
+        if text == "yesterday":
+            return today - dt.timedelta(days=1)
+        return dt.date.fromisoformat(text)
+    if date:
+        return [one(date).isoformat()]
+    lo = one(start) if start else (one(end) if end else today - dt.timedelta(days=1))
+    hi = one(end) if end else (lo if not start else today)
+    if hi < lo:
+        raise ValueError(f"--to {hi} is before --from {lo}")
+    return [(lo + dt.timedelta(days=i)).isoformat() for i in range((hi - lo).days + 1)]
+
+
+def iso(ns: int | None) -> str | None:
+    if ns is None:
+        return None
+    return dt.datetime.fromtimestamp(ns / NS, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def day_start_ns(date: str) -> int:
+    d = dt.date.fromisoformat(date)
+    return int(dt.datetime(d.year, d.month, d.day, tzinfo=dt.timezone.utc).timestamp()) * NS
+
+
+class Capped(list):
+    """A list that keeps the first `cap` items and counts the rest."""
+
+    def __init__(self, cap: int):
+        super().__init__()
+        self.cap = cap
+        self.dropped = 0
+
+    def add(self, item) -> None:
+        if len(self) < self.cap:
+            self.append(item)
+        else:
+            self.dropped += 1
+
+
+# ---- storage roots -------------------------------------------------------------------------------
+
+def open_root(root: str, endpoint: str = "", region: str = "us-east-1") -> tuple[pafs.FileSystem, str]:
+    """(filesystem, base path) for a local directory or s3://bucket/prefix."""
+    if root.startswith("s3://"):
+        u = urlparse(root)
+        kw = {"region": region or "us-east-1"}
+        if endpoint:
+            e = urlparse(endpoint if "://" in endpoint else "https://" + endpoint)
+            kw["endpoint_override"] = e.netloc
+            kw["scheme"] = e.scheme or "https"
+        base = (u.netloc + "/" + u.path.strip("/")).rstrip("/")
+        return pafs.S3FileSystem(**kw), base
+    return pafs.LocalFileSystem(), os.path.abspath(root)
+
+
+@dataclass
+class FileRef:
+    path: str
+    dataset: str
+    exchange: str
+    date: str
+    size: int
+
+
+@dataclass
+class FileInfo:
+    ref: FileRef
+    rows: int
+    run_id: str
+    instance_id: str
+    min_ts: int | None
+    max_ts: int | None
+    min_seq: int | None
+    max_seq: int | None
+    readable_data: bool = True      # False: schema/readability violation, data not read
+
+
+def list_files(fs, base: str, dates: list[str], exchanges: list[str] | None):
+    """Every Parquet file of the checked partitions; temporary (.tmp) and other files apart.
+    frames are listed for every exchange: recv_seq is process-wide, accounting needs them all."""
+    refs, temps, others = [], [], []
+    for ds in schema.ALL_DATASETS:
+        ds_dir = f"{base}/raw/v1/{ds}"
+        try:
+            ex_dirs = fs.get_file_info(pafs.FileSelector(ds_dir, allow_not_found=True))
+        except OSError:
+            ex_dirs = []
+        for info in ex_dirs:
+            name = info.base_name
+            if info.type != pafs.FileType.Directory or not name.startswith("exchange="):
+                continue
+            ex = name[len("exchange="):]
+            if exchanges is not None and ex not in exchanges and ds != "frames":
+                continue
+            for date in dates:
+                sel = pafs.FileSelector(f"{ds_dir}/{name}/date={date}", allow_not_found=True)
+                for f in fs.get_file_info(sel):
+                    if f.type != pafs.FileType.File:
+                        continue
+                    if f.base_name.endswith(".tmp"):
+                        temps.append(f.path)
+                    elif f.base_name.endswith(".parquet"):
+                        refs.append(FileRef(f.path, ds, ex, date, f.size or 0))
+                    else:
+                        others.append(f.path)
+    return refs, temps, others
+
+
+# ---- schema and footer checks --------------------------------------------------------------------
+
+def schema_problems(dataset: str, got: pa.Schema) -> list[str]:
+    """Differences from the frozen v1 schema: names, types, order, nullability."""
+    want = schema.SCHEMAS[dataset]
+    problems = []
+    have = {f.name: f for f in got}
+    for f in want:
+        g = have.get(f.name)
+        if g is None:
+            problems.append(f"missing column {f.name}")
+            continue
+        if g.type != f.type:
+            problems.append(f"column {f.name}: type {g.type}, expected {f.type}")
+        if g.nullable != f.nullable:
+            problems.append(f"column {f.name}: nullable={g.nullable}, expected {f.nullable}")
+    for name in have:
+        if want.get_field_index(name) < 0:
+            problems.append(f"extra column {name}")
+    if not problems and got.names != want.names:
+        problems.append(f"column order {got.names}, expected {want.names}")
+    return problems
+
+
+def _stats(md: pq.FileMetaData, col: int):
+    """(min, max) of a column over all row groups from the footer statistics, or None."""
+    lo = hi = None
+    for rg in range(md.num_row_groups):
+        st = md.row_group(rg).column(col).statistics
+        if st is None or not st.has_min_max:
+            return None
+        lo = st.min if lo is None else min(lo, st.min)
+        hi = st.max if hi is None else max(hi, st.max)
+    return None if lo is None else (lo, hi)
+
+
+def read_footer(fs, ref: FileRef) -> tuple[FileInfo | None, list[dict]]:
+    """Footer-only checks of one file: (info, violations)."""
+    def bad(kind, detail):
+        return {"path": ref.path, "kind": kind, "detail": detail, "dataset": ref.dataset,
+                "exchange": ref.exchange, "date": ref.date}
+    try:
+        with fs.open_input_file(ref.path) as f:
+            pf = pq.ParquetFile(f)
+            md, got = pf.metadata, pf.schema_arrow
+    except Exception as e:  # noqa: BLE001 - any failure to read the footer is "unreadable"
+        return None, [bad("unreadable", f"{type(e).__name__}: {e}")]
+    out = []
+    problems = schema_problems(ref.dataset, got)
+    if problems:
+        out.append(bad("schema", "; ".join(problems)))
+    meta = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in (got.metadata or {}).items()}
+    missing = [k for k in schema.REQUIRED_METADATA if k not in meta]
+    if missing:
+        out.append(bad("metadata", "missing key-value metadata " + ", ".join(missing)))
+    for key, want in (("schema_version", schema.SCHEMA_VERSION), ("dataset", ref.dataset),
+                      ("exchange", ref.exchange)):
+        if key in meta and meta[key] != want:
+            out.append(bad("metadata", f"{key}={meta[key]!r}, expected {want!r}"))
+    names = got.names
+    ts = seq = None
+    if not problems:
+        ex_stats = _stats(md, names.index("exchange"))
+        if ex_stats and (ex_stats[0] != ref.exchange or ex_stats[1] != ref.exchange):
+            out.append(bad("partition", f"exchange column holds {ex_stats[0]!r}..{ex_stats[1]!r}, "
+                                        f"partition is exchange={ref.exchange}"))
+        ts = _stats(md, names.index("ts_recv"))
+        lo = day_start_ns(ref.date)
+        if ts and (ts[0] < lo or ts[1] >= lo + schema.NS_PER_DAY):
+            out.append(bad("partition", f"ts_recv {iso(ts[0])}..{iso(ts[1])} outside date={ref.date}"))
+        seq = _stats(md, names.index("recv_seq"))
+    info = FileInfo(ref, md.num_rows, meta.get("run_id", "?"), meta.get("instance_id", "?"),
+                    ts[0] if ts else None, ts[1] if ts else None,
+                    seq[0] if seq else None, seq[1] if seq else None,
+                    readable_data=not problems)
+    return info, out
+
+
+# ---- per-run recv_seq accounting -----------------------------------------------------------------
+
+class RunSeqs:
+    """Which recv_seq of one run were seen, and from which exchange: one byte per sequence number
+    (100 M frames = 100 MB), 0 = not seen."""
+
+    def __init__(self, lo: int, hi: int):
+        self.base = lo
+        self.codes = np.zeros(max(hi - lo + 1, 1), dtype=np.uint8)
+        self.frames = 0
+        self.duplicates = 0
+
+    def _ensure(self, lo: int, hi: int) -> None:
+        if lo < self.base:
+            self.codes = np.concatenate([np.zeros(self.base - lo, np.uint8), self.codes])
+            self.base = lo
+        need = hi - self.base + 1
+        if need > len(self.codes):
+            self.codes = np.concatenate([self.codes, np.zeros(need - len(self.codes), np.uint8)])
+
+    def mark(self, seqs: np.ndarray, code: int) -> None:
+        if not len(seqs):
+            return
+        self._ensure(int(seqs.min()), int(seqs.max()))
+        idx = seqs - self.base
+        self.duplicates += int(np.count_nonzero(self.codes[idx]))
+        self.codes[idx] = code
+        self.frames += len(seqs)
+
+    def holes(self) -> tuple[int, int, list[tuple[int, int, int, int]]]:
+        """(first seq, last seq, [(from_seq, to_seq, prev exchange code, next exchange code)])."""
+        seen = self.codes != 0
+        if not seen.any():
+            return 0, 0, []
+        first = int(np.argmax(seen))
+        last = len(seen) - 1 - int(np.argmax(seen[::-1]))
+        step = np.diff(seen[first:last + 1].view(np.int8))
+        starts = np.flatnonzero(step == -1) + first + 1     # first missing index of each hole
+        ends = np.flatnonzero(step == 1) + first            # last missing index of each hole
+        out = [(int(a) + self.base, int(b) + self.base, int(self.codes[a - 1]), int(self.codes[b + 1]))
+               for a, b in zip(starts, ends)]
+        return first + self.base, last + self.base, out
+
+
+def hole_label(prev_code: int, next_code: int) -> str:
+    a, b = CODE_EX.get(prev_code, "?"), CODE_EX.get(next_code, "?")
+    return a if a == b else "|".join(sorted({a, b}))
+
+
+# ---- the checker ---------------------------------------------------------------------------------
+
+def _cadence(adapter, exchange: str, dataset: str) -> float | None:
+    """The adapter's declared cadence of the stream carrying a dataset, as the live detector
+    sees it: a stream feeding several datasets (Binance markPrice -> mark_price + funding, Bybit
+    tickers -> mark_price + funding + open_interest) is timed on its first dataset only, since
+    the others are only present in some of its frames. None: event driven, or not timed."""
+    inst = Instrument(exchange, "X", "X-USDT-PERP", "X", "USDT", "live", "perpetual")
+    try:
+        streams = adapter.streams_for(inst, list(schema.DATASETS))
+    except Exception:  # noqa: BLE001 - an adapter that cannot say has no time rule
+        return None
+    cad = [s.cadence_s for s in streams if s.cadence_s and s.datasets and s.datasets[0] == dataset]
+    return max(cad) if cad else None
+
+
+def _first(mask, table: pa.Table) -> dict | None:
+    i = pc.index(mask, True).as_py()
+    if i is None or i < 0:
+        return None
+    return {"symbol": table.column("symbol")[i].as_py(), "ts_recv": iso(table.column("ts_recv")[i].as_py()),
+            "recv_seq": table.column("recv_seq")[i].as_py()}
+
+
+def _count(mask) -> int:
+    return int(pc.sum(pc.cast(mask, pa.int64())).as_py() or 0)
+
+
+class Checker:
+    """One check over a root and a set of dates; `run()` returns the report (a JSON-able dict)."""
+
+    def __init__(self, opts: Options):
+        self.o = opts
+        self.fs, self.base = open_root(opts.root, opts.s3_endpoint, opts.s3_region)
+        self.now_ns = opts.now_ns if opts.now_ns is not None else time.time_ns()
+        cap = opts.max_list
+        self.violations = Capped(cap)
+        self.violation_counts: dict[str, int] = {}
+        self.seq_gaps = Capped(cap)
+        self.time_gaps = Capped(cap)
+        self.content: dict[tuple[str, str, str], dict] = {}
+        self.duplicates: dict[tuple[str, str], int] = {}
+        self.per_ex: dict[str, dict] = {}
+        self.per_ds: dict[tuple[str, str], dict] = {}
+        self.runs: dict[str, RunSeqs] = {}
+        self.run_meta: dict[str, dict] = {}
+        self.buckets: dict[str, dict[int, list[int]]] = {}   # exchange -> bucket -> [min, max]
+        self.bucket_ns = int(min(1.0, opts.offline_threshold_s) * NS)
+        self.conn_last: dict[tuple[str, str, int], int] = {}  # (run, exchange, conn) -> ts_recv
+        self.adapters: dict[str, object] = {}
+        self.notes: list[str] = []
+        self.refs: list[FileRef] = []
+        self.bad_frames_files = 0
+        self.infos: list[FileInfo] = []
+        self.temp_files: list[str] = []
+        self.other_files: list[str] = []
+
+    # -- helpers --
+    def _ex(self, ex: str) -> dict:
+        return self.per_ex.setdefault(ex, {"files": 0, "bytes": 0, "rows": 0, "frames": 0})
+
+    def _flag(self, ex: str, ds: str, check: str, n: int, example: dict | None, **extra) -> None:
+        if n <= 0:
+            return
+        c = self.content.setdefault((ex, ds, check), {"exchange": ex, "dataset": ds, "check": check,
+                                                      "count": 0, "first": example})
+        c["count"] += n
+        for k, v in extra.items():
+            if k == "max_abs_ns":
+                c[k] = max(c.get(k, 0), v)
+            else:
+                c[k] = v
+
+    def _violation(self, v: dict) -> None:
+        self.violation_counts[v["kind"]] = self.violation_counts.get(v["kind"], 0) + 1
+        if v.get("dataset") == "frames" and v["kind"] in SCHEMA_KINDS:
+            self.bad_frames_files += 1
+        self.violations.add(v)
+
+    def _adapter(self, ex: str):
+        if ex not in self.adapters:
+            try:
+                self.adapters[ex] = load_adapter(ex)
+            except Exception as e:  # noqa: BLE001 - unknown exchange dir or adapter not importable
+                self.adapters[ex] = None
+                self.notes.append(f"no adapter for {ex!r} ({type(e).__name__}): sequence and time gaps not checked")
+        return self.adapters[ex]
+
+    def _wanted(self, ex: str) -> bool:
+        return self.o.exchanges is None or ex in self.o.exchanges
+
+    def _read_whole(self, info: FileInfo, columns: list[str]) -> pa.Table:
+        with self.fs.open_input_file(info.ref.path) as f:
+            return pq.ParquetFile(f).read(columns=columns, use_threads=False)
+
+    def _file_tables(self, files: list[FileInfo], columns: list[str]):
+        """(info, tables) per file, in order. Small files are read ahead in a thread pool (Parquet
+        decoding releases the GIL, so reading overlaps the checks); at most PREFETCH_ROWS rows are
+        held ahead. A file larger than BATCH_ROWS is streamed batch by batch instead."""
+        ahead: deque = deque()
+        held = 0
+        it = iter(files)
+        pool = self.pool
+
+        def fill():
+            nonlocal held
+            while len(ahead) < PREFETCH_FILES and held < PREFETCH_ROWS:
+                info = next(it, None)
+                if info is None:
+                    return
+                if info.readable_data and info.rows <= BATCH_ROWS:
+                    ahead.append((info, pool.submit(self._read_whole, info, columns)))
+                    held += info.rows
+                else:
+                    ahead.append((info, None))
+
+        fill()
+        while ahead:
+            info, fut = ahead.popleft()
+            if fut is None:
+                fill()
+                yield info, (self._batches(info, columns) if info.readable_data else iter(()))
+                continue
+            try:
+                table = fut.result()
+            except Exception as e:  # noqa: BLE001 - a corrupt page: "unreadable"
+                table = None
+                self._violation({"path": info.ref.path, "kind": "unreadable", "detail": f"{type(e).__name__}: {e}",
+                                 "dataset": info.ref.dataset, "exchange": info.ref.exchange, "date": info.ref.date})
+            held -= info.rows
+            fill()
+            yield info, (iter((table,)) if table is not None else iter(()))
+
+    def _batches(self, info: FileInfo, columns: list[str]):
+        """Record batches of one file, projected; a read failure becomes an `unreadable` violation."""
+        try:
+            with self.fs.open_input_file(info.ref.path) as f:
+                pf = pq.ParquetFile(f)
+                for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=columns, use_threads=True):
+                    yield pa.Table.from_batches([batch])
+        except Exception as e:  # noqa: BLE001
+            self._violation({"path": info.ref.path, "kind": "unreadable", "detail": f"{type(e).__name__}: {e}",
+                             "dataset": info.ref.dataset, "exchange": info.ref.exchange, "date": info.ref.date})
+
+    # -- main --
+    def run(self) -> dict:
+        t0 = time.monotonic()
+        o = self.o
+        # a root that does not exist (local directory, S3 bucket) is a violation: cron must see it
+        probe = self.base.split("/")[0] if o.root.startswith("s3://") else self.base
+        if self.fs.get_file_info(probe).type == pafs.FileType.NotFound:
+            self._violation({"path": o.root, "kind": "unreadable", "detail": "root not found"})
+            return self.report(t0, [])
+        refs, self.temp_files, self.other_files = list_files(self.fs, self.base, o.dates, o.exchanges)
+        self.refs = refs
+        with ThreadPoolExecutor(max(1, o.workers)) as pool:
+            footers = list(pool.map(lambda r: read_footer(self.fs, r), refs))
+        infos: list[FileInfo] = []
+        for ref, (info, problems) in zip(refs, footers):
+            for p in problems:
+                self._violation(p)
+            if info is None and self._wanted(ref.exchange):
+                self._count_file(ref, 0)         # unreadable: counted as a file, no rows
+            if info is not None:
+                infos.append(info)
+                if any(p["kind"] in SCHEMA_KINDS for p in problems):
+                    info.readable_data = False
+        self.infos = infos
+        by_key: dict[tuple[str, str], list[FileInfo]] = {}
+        for info in infos:
+            by_key.setdefault((info.ref.dataset, info.ref.exchange), []).append(info)
+        for files in by_key.values():
+            files.sort(key=lambda i: (i.min_ts if i.min_ts is not None else 0, i.ref.path))
+        frames_files = [i for (ds, _), fl in sorted(by_key.items()) if ds == "frames" for i in fl]
+        self._size_runs(frames_files)
+        with ThreadPoolExecutor(2) as self.pool:
+            for info, tables in self._file_tables(frames_files, ["conn_id", "recv_seq", "ts_recv"]):
+                self._frames_file(info, tables)
+            for (ds, ex), files in sorted(by_key.items()):
+                if ds != "frames":
+                    self._data_files(ds, ex, files)
+            return self.report(t0, frames_files)
+
+    def _size_runs(self, frames_files: list[FileInfo]) -> None:
+        """Allocate each run's recv_seq bitmap once from the footer statistics."""
+        span: dict[str, list[int]] = {}
+        for i in frames_files:
+            if i.min_seq is not None and i.readable_data:
+                s = span.setdefault(i.run_id, [i.min_seq, i.max_seq])
+                s[0], s[1] = min(s[0], i.min_seq), max(s[1], i.max_seq)
+        for run, (lo, hi) in span.items():
+            self.runs[run] = RunSeqs(lo, hi)
+
+    def _count_file(self, ref: FileRef, rows: int) -> None:
+        ex = self._ex(ref.exchange)
+        ex["files"] += 1
+        ex["bytes"] += ref.size
+        d = self.per_ds.setdefault((ref.exchange, ref.dataset), {"files": 0, "rows": 0, "bytes": 0})
+        d["files"] += 1
+        d["rows"] += rows
+        d["bytes"] += ref.size
+        ex["frames" if ref.dataset == "frames" else "rows"] += rows
+
+    # -- frames: accounting, offline buckets, ts_recv order per connection --
+    def _frames_file(self, info: FileInfo, tables) -> None:
+        ex = info.ref.exchange
+        if self._wanted(ex):
+            self._count_file(info.ref, info.rows)
+        if not info.readable_data:
+            return
+        run = info.run_id
+        self.run_meta.setdefault(run, {"instance_id": info.instance_id, "exchanges": set()})["exchanges"].add(ex)
+        code = EX_CODE.get(ex, 255)
+        buckets = self.buckets.setdefault(ex, {})
+        bns = self.bucket_ns
+        for t in tables:
+            seqs = t.column("recv_seq").to_numpy()
+            runseqs = self.runs.get(run)
+            if runseqs is None:
+                runseqs = self.runs[run] = RunSeqs(int(seqs.min()), int(seqs.max()))
+            runseqs.mark(seqs, code)
+            if not self._wanted(ex):
+                continue
+            ts = t.column("ts_recv").to_numpy()
+            # offline: exact min/max ts_recv per 1-second bucket
+            srt = np.sort(ts, kind="stable")
+            b = srt // bns
+            cut = np.flatnonzero(np.diff(b)) + 1
+            starts = np.concatenate(([0], cut))
+            ends = np.concatenate((cut, [len(srt)])) - 1
+            for k, lo, hi in zip(b[starts].tolist(), srt[starts].tolist(), srt[ends].tolist()):
+                cur = buckets.get(k)
+                if cur is None:
+                    buckets[k] = [lo, hi]
+                else:
+                    if lo < cur[0]:
+                        cur[0] = lo
+                    if hi > cur[1]:
+                        cur[1] = hi
+            # ts_recv must not go backwards within a connection (in recv_seq order)
+            conn = t.column("conn_id").to_numpy()
+            order = np.lexsort((seqs, conn))
+            c, s, tt = conn[order], seqs[order], ts[order]
+            same = c[1:] == c[:-1]
+            back = same & (tt[1:] < tt[:-1])
+            n_back = int(np.count_nonzero(back))
+            worst = int((tt[:-1] - tt[1:])[back].max()) if n_back else 0
+            first_back = None
+            if n_back:
+                j = int(np.flatnonzero(back)[0]) + 1
+                first_back = {"conn_id": int(c[j]), "recv_seq": int(s[j]), "ts_recv": iso(int(tt[j]))}
+            # and across batches/files: the first row of each connection against the carried one
+            gstart = np.concatenate(([0], np.flatnonzero(~same) + 1))
+            gend = np.concatenate((np.flatnonzero(~same), [len(c) - 1]))
+            for g0, g1 in zip(gstart.tolist(), gend.tolist()):
+                key = (run, ex, int(c[g0]))
+                prev = self.conn_last.get(key)
+                if prev is not None and tt[g0] < prev:
+                    n_back += 1
+                    worst = max(worst, int(prev - tt[g0]))
+                    first_back = first_back or {"conn_id": int(c[g0]), "recv_seq": int(s[g0]),
+                                                "ts_recv": iso(int(tt[g0]))}
+                self.conn_last[key] = int(tt[g1])
+            self._flag(ex, "frames", "ts_recv_backwards", n_back, first_back, max_abs_ns=worst)
+
+    # -- data datasets: sequence/time gaps, content, duplicates --
+    def _data_files(self, ds: str, ex: str, files: list[FileInfo]) -> None:
+        adapter = self._adapter(ex)
+        rule = getattr(adapter, "GAP_RULES", {}).get(ds) if adapter is not None else None
+        seq = SequenceTracker(ex, ds, rule) if rule else None
+        limit = time_gap_limit_s(_cadence(adapter, ex, ds) if adapter is not None else None,
+                                 self.o.gap_factor, self.o.gap_floor_s)
+        tgap = TimeGapTracker(ex, ds, limit) if limit else None
+        cols = ["symbol", "ts_event", "ts_exchange", "ts_recv", "recv_seq"]
+        cols += {"bbo": ["bid_px", "bid_sz", "ask_px", "ask_sz", "update_id", "seq"],
+                 "trades": ["trade_id", "price", "size", "side"],
+                 "mark_price": ["mark_px", "index_px"]}.get(ds, [])
+        if rule:
+            cols += [c for c in (rule.column, rule.count_column) if c and c not in cols]
+        for info in files:
+            self._count_file(info.ref, info.rows)
+        for info, tables in self._file_tables(files, cols):
+            for t in tables:
+                if seq is not None:
+                    try:
+                        gaps = seq.observe(t)
+                    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
+                        gaps = []
+                        self._flag(ex, ds, "ids_not_integer", t.num_rows, None, detail=str(e)[:200])
+                    for g in gaps:
+                        self.seq_gaps.add(g)
+                        self._gap_totals(g)
+                if tgap is not None:
+                    for g in tgap.observe(t):
+                        self.time_gaps.add(g)
+                        self._gap_totals(g)
+                self._content(ds, ex, t)
+
+    def _gap_totals(self, g: Gap) -> None:
+        d = self.per_ds.setdefault((g.exchange, g.dataset), {"files": 0, "rows": 0, "bytes": 0})
+        key = "sequence_gaps" if g.kind == "sequence" else "time_gaps"
+        d[key] = d.get(key, 0) + 1
+        if g.missed:
+            d["ids_missed"] = d.get("ids_missed", 0) + g.missed
+
+    def _content(self, ds: str, ex: str, t: pa.Table) -> None:
+        col = t.column
+        flag = self._flag
+
+        def nonpos(*names):
+            for n in names:
+                m = pc.less_equal(col(n), 0)
+                k = _count(m)
+                if k:
+                    flag(ex, ds, f"non_positive_{n}", k, _first(m, t))
+
+        if ds == "bbo":
+            crossed = pc.greater(col("bid_px"), col("ask_px"))
+            locked = pc.equal(col("bid_px"), col("ask_px"))
+            flag(ex, ds, "crossed_bbo", _count(crossed), _first(crossed, t))
+            flag(ex, ds, "locked_bbo", _count(locked), _first(locked, t))
+            nonpos("bid_px", "ask_px", "bid_sz", "ask_sz")
+        elif ds == "trades":
+            nonpos("price", "size")
+            bad_side = pc.invert(pc.is_in(col("side"), value_set=pa.array(["buy", "sell"])))
+            flag(ex, ds, "invalid_side", _count(bad_side), _first(bad_side, t))
+        elif ds == "mark_price":
+            nonpos("mark_px", "index_px")
+        # clock skew: the exchange's message time (or event time where it sends none) vs ts_recv
+        ts_x = pc.coalesce(col("ts_exchange"), col("ts_event"))
+        diff = pc.subtract(ts_x, col("ts_recv"))
+        skewed = pc.greater(pc.abs(diff), int(self.o.skew_threshold_s * NS))
+        k = _count(skewed)
+        if k:
+            mm = pc.min_max(pc.abs(diff))
+            flag(ex, ds, "clock_skew", k, _first(skewed, t), max_abs_ns=int(mm["max"].as_py()))
+        # duplicates within the batch (one file, usually): same identity, received again
+        dups = 0
+        if ds == "bbo":
+            has_u = pc.is_valid(col("update_id"))
+            dups += self._dups(t.filter(has_u), ["symbol", "update_id"])
+            dups += self._dups(t.filter(pc.and_(pc.invert(has_u), pc.is_valid(col("seq")))), ["symbol", "seq"])
+        elif ds == "trades":
+            dups += self._dups(t, ["symbol", "trade_id"])
+        else:
+            dups += self._dups(t.filter(pc.is_valid(col("ts_exchange"))), ["symbol", "ts_exchange"])
+        if dups:
+            self.duplicates[(ex, ds)] = self.duplicates.get((ex, ds), 0) + dups
+
+    @staticmethod
+    def _dups(t: pa.Table, keys: list[str]) -> int:
+        if t.num_rows < 2:
+            return 0
+        return t.num_rows - t.select(keys).group_by(keys).aggregate([]).num_rows
+
+    # -- second pass: time of the frames around each listed hole --
+    def _hole_times(self, frames_files: list[FileInfo], wanted: dict[str, set[int]]) -> dict[tuple[str, int], int]:
+        found: dict[tuple[str, int], int] = {}
+        for info in frames_files:
+            need = wanted.get(info.run_id)
+            if not need or not info.readable_data:
+                continue
+            if info.min_seq is not None and not any(info.min_seq <= s <= info.max_seq for s in need):
+                continue
+            value_set = pa.array(sorted(need), pa.int64())
+            for t in self._batches(info, ["recv_seq", "ts_recv"]):
+                hit = t.filter(pc.is_in(t.column("recv_seq"), value_set=value_set))
+                for s, ts in zip(hit.column("recv_seq").to_pylist(), hit.column("ts_recv").to_pylist()):
+                    found[(info.run_id, s)] = ts
+        return found
+
+    # -- offline windows --
+    def _offline(self) -> tuple[list[dict], dict[str, dict[str, float]]]:
+        o = self.o
+        span_lo = day_start_ns(o.dates[0])
+        span_hi = day_start_ns(o.dates[-1]) + schema.NS_PER_DAY
+        complete = span_hi <= self.now_ns
+        thr = int(o.offline_threshold_s * NS)
+        expected = set(o.exchanges) if o.exchanges is not None else set(self.per_ex)
+        windows = []
+        for ex in sorted(expected):
+            b = self.buckets.get(ex, {})
+            if not b:
+                end = span_hi if complete else self.now_ns
+                if end - span_lo > thr:              # an expected exchange without a single frame
+                    windows.append((ex, span_lo, end, "no_frames"))
+                continue
+            keys = sorted(b)
+            if o.day_edges and b[keys[0]][0] - span_lo > thr:
+                windows.append((ex, span_lo, b[keys[0]][0], "start"))
+            for k0, k1 in zip(keys, keys[1:]):
+                a, z = b[k0][1], b[k1][0]
+                if z - a > thr:
+                    windows.append((ex, a, z, None))
+            if o.day_edges and complete and span_hi - b[keys[-1]][1] > thr:
+                windows.append((ex, b[keys[-1]][1], span_hi, "end"))
+        downtime: dict[str, dict[str, float]] = {}
+        out = []
+        for ex, a, z, edge in windows:
+            out.append({"exchange": ex, "start": iso(a), "end": iso(z), "start_ns": a, "end_ns": z,
+                        "duration_s": round((z - a) / NS, 3), "edge": edge})
+            day = (a // schema.NS_PER_DAY) * schema.NS_PER_DAY
+            while day < z:
+                lo, hi = max(a, day), min(z, day + schema.NS_PER_DAY)
+                if hi > lo:
+                    d = iso(day)[:10]
+                    per = downtime.setdefault(ex, {})
+                    per[d] = round(per.get(d, 0.0) + (hi - lo) / NS, 3)
+                day += schema.NS_PER_DAY
+        return out, downtime
+
+    # -- report --
+    def report(self, t0: float, frames_files: list[FileInfo]) -> dict:
+        o = self.o
+        cap = o.max_list
+        offline, downtime = self._offline() if o.dates else ([], {})
+        # accounting
+        runs_out, by_ex_lost = [], {}
+        holes_all = []
+        for run, rs in sorted(self.runs.items()):
+            first, last, holes = rs.holes()
+            meta = self.run_meta.get(run, {"instance_id": "?", "exchanges": set()})
+            lost = sum(b - a + 1 for a, b, _, _ in holes)
+            shown = [h for h in holes if self._wanted_label(hole_label(h[2], h[3]))]
+            for a, b, pc_, nc in shown:
+                lab = hole_label(pc_, nc)
+                e = by_ex_lost.setdefault(lab, {"lost_frames": 0, "holes": 0})
+                e["lost_frames"] += b - a + 1
+                e["holes"] += 1
+            holes_all.append((run, shown))
+            runs_out.append({"run_id": run, "instance_id": meta["instance_id"],
+                             "exchanges": sorted(meta["exchanges"]), "frames": rs.frames,
+                             "first_seq": first, "last_seq": last, "lost_frames": lost,
+                             "holes": len(holes), "duplicate_recv_seq": rs.duplicates, "windows": []})
+        wanted: dict[str, set[int]] = {}
+        budget = cap
+        for run, shown in holes_all:
+            for a, b, _, _ in shown[:max(budget, 0)]:
+                wanted.setdefault(run, set()).update((a - 1, b + 1))
+            budget -= len(shown)
+        times = self._hole_times(frames_files, wanted) if wanted else {}
+        budget = cap
+        for r, (run, shown) in zip(runs_out, holes_all):
+            for a, b, pc_, nc in shown[:max(budget, 0)]:
+                r["windows"].append({"from_seq": a, "to_seq": b, "lost": b - a + 1,
+                                     "exchange": hole_label(pc_, nc),
+                                     "ts_from": iso(times.get((run, a - 1))), "ts_to": iso(times.get((run, b + 1)))})
+            budget -= len(shown)
+            r["windows_truncated"] = max(0, len(shown) - len(r["windows"]))
+        for r in runs_out:
+            if r["duplicate_recv_seq"]:
+                self._flag("|".join(r["exchanges"]), "frames", "duplicate_recv_seq", r["duplicate_recv_seq"], None)
+
+        def gap_dict(g: Gap) -> dict:
+            d = g.as_dict()
+            d["ts_from"], d["ts_to"] = iso(g.ts_from), iso(g.ts_to)
+            d["duration_s"] = round((g.ts_to - g.ts_from) / NS, 3)
+            d["during_offline"] = any(w["exchange"] == g.exchange and w["start_ns"] < g.ts_to
+                                      and g.ts_from < w["end_ns"] for w in offline)
+            return d
+
+        content = sorted(self.content.values(), key=lambda c: (c["exchange"], c["dataset"], c["check"]))
+        for c in content:
+            if "max_abs_ns" in c:
+                c["max_abs_s"] = round(c.pop("max_abs_ns") / NS, 3)
+        exchanges = sorted(set(self.per_ex) | {w["exchange"] for w in offline})
+        summary = {}
+        for ex in exchanges:
+            pe = self.per_ex.get(ex, {"files": 0, "bytes": 0, "rows": 0, "frames": 0})
+            dss = [v for (e, _), v in self.per_ds.items() if e == ex]
+            summary[ex] = dict(pe, lost_frames=by_ex_lost.get(ex, {}).get("lost_frames", 0),
+                               sequence_gaps=sum(v.get("sequence_gaps", 0) for v in dss),
+                               ids_missed=sum(v.get("ids_missed", 0) for v in dss),
+                               time_gaps=sum(v.get("time_gaps", 0) for v in dss),
+                               offline_windows=sum(1 for w in offline if w["exchange"] == ex),
+                               downtime_s=round(sum(downtime.get(ex, {}).values()), 3),
+                               content_issues=sum(c["count"] for c in content if c["exchange"] == ex),
+                               duplicates=sum(n for (e, _), n in self.duplicates.items() if e == ex))
+        lost_total = sum(v["lost_frames"] for v in by_ex_lost.values())
+        bad_frames = self.bad_frames_files
+        if bad_frames:
+            self.notes.append(f"{bad_frames} frames file(s) could not be read: their recv_seq count as holes")
+        findings = []
+        n_viol = sum(self.violation_counts.values())
+        if n_viol:
+            findings.append(f"{n_viol} schema/readability violation(s): " +
+                            ", ".join(f"{k} {v}" for k, v in sorted(self.violation_counts.items())))
+        if not self.refs:
+            findings.append("no data files found")
+        if lost_total:
+            findings.append(f"{lost_total} frame(s) lost (recv_seq holes)")
+        n_seq = sum(v.get("sequence_gaps", 0) for v in self.per_ds.values())
+        if n_seq:
+            findings.append(f"{n_seq} sequence gap(s), {sum(v.get('ids_missed', 0) for v in self.per_ds.values())} id(s) missed")
+        n_time = sum(v.get("time_gaps", 0) for v in self.per_ds.values())
+        if n_time:
+            findings.append(f"{n_time} time gap(s)")
+        if offline:
+            findings.append(f"{len(offline)} offline window(s)")
+        n_content = sum(c["count"] for c in content)
+        if n_content:
+            findings.append(f"{n_content} content issue(s)")
+        exit_code = 2 if n_viol else (1 if findings else 0)
+        infos = self.infos
+        return {
+            "root": o.root, "dates": o.dates, "exchanges": o.exchanges or exchanges,
+            "thresholds": {"offline_s": o.offline_threshold_s, "gap_floor_s": o.gap_floor_s,
+                           "gap_factor": o.gap_factor, "skew_s": o.skew_threshold_s,
+                           "day_edges": o.day_edges},
+            "exit_code": exit_code, "findings": findings,
+            "elapsed_s": round(time.monotonic() - t0, 3),
+            "files": {"checked": len(self.refs), "rows": sum(i.rows for i in infos),
+                      "bytes": sum(r.size for r in self.refs), "temporary": len(self.temp_files),
+                      "other": len(self.other_files)},
+            "summary": summary,
+            "datasets": [dict(v, exchange=e, dataset=d) for (e, d), v in sorted(self.per_ds.items())
+                         if self._wanted(e)],
+            "violations": list(self.violations), "violations_truncated": self.violations.dropped,
+            "accounting": {"runs": runs_out, "by_exchange": by_ex_lost, "lost_frames": lost_total,
+                           "complete": not bad_frames},
+            "sequence_gaps": [gap_dict(g) for g in self.seq_gaps], "sequence_gaps_truncated": self.seq_gaps.dropped,
+            "time_gaps": [gap_dict(g) for g in self.time_gaps], "time_gaps_truncated": self.time_gaps.dropped,
+            "offline": {"windows": offline[:cap], "windows_truncated": max(0, len(offline) - cap),
+                        "downtime_s": downtime},
+            "content": content,
+            "duplicates": [{"exchange": e, "dataset": d, "rows": n} for (e, d), n in sorted(self.duplicates.items())],
+            "notes": self.notes,
+        }
+
+    def _wanted_label(self, label: str) -> bool:
+        return self.o.exchanges is None or any(p in self.o.exchanges for p in label.split("|"))
+
+
+def check(opts: Options) -> dict:
+    return Checker(opts).run()
+
+
+# ---- text output -----------------------------------------------------------------------------------
+
+def _fmt_int(n) -> str:
+    return f"{n:,}"
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def _where(first: dict) -> str:
+    return " ".join(str(v) if k in ("symbol", "ts_recv") else f"{k} {v}" for k, v in first.items())
+
+
+def render_text(r: dict, max_lines: int = 20) -> str:
+    out = []
+    w = out.append
+    f = r["files"]
+    dates = r["dates"][0] + (f"..{r['dates'][-1]}" if len(r["dates"]) > 1 else "") if r["dates"] else "-"
+    w(f"check_raw_sanity  root={r['root']}  dates={dates}"
+      + f"  exchanges={','.join(r['exchanges']) or '-'}")
+    w(f"{_fmt_int(f['checked'])} files, {_fmt_int(f['rows'])} rows, {_fmt_bytes(f['bytes'])}"
+      f" checked in {r['elapsed_s']:.1f} s"
+      + (f"; {f['temporary']} temporary (.tmp) file(s) present" if f["temporary"] else ""))
+    w("")
+    head = ("exchange", "files", "rows", "frames", "lost", "seq gaps", "ids missed", "time gaps",
+            "offline", "downtime s", "content", "dups")
+    rows = [head]
+    for ex, s in r["summary"].items():
+        rows.append((ex, _fmt_int(s["files"]), _fmt_int(s["rows"]), _fmt_int(s["frames"]),
+                     _fmt_int(s["lost_frames"]), _fmt_int(s["sequence_gaps"]), _fmt_int(s["ids_missed"]),
+                     _fmt_int(s["time_gaps"]), _fmt_int(s["offline_windows"]), f"{s['downtime_s']:.1f}",
+                     _fmt_int(s["content_issues"]), _fmt_int(s["duplicates"])))
+    for lab, v in r["accounting"]["by_exchange"].items():
+        if lab not in r["summary"]:
+            rows.append((lab, "", "", "", _fmt_int(v["lost_frames"]), "", "", "", "", "", "", ""))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+    for row in rows:
+        w("  ".join(str(c).ljust(widths[0]) if i == 0 else str(c).rjust(widths[i]) for i, c in enumerate(row)).rstrip())
+
+    def section(title, items, line, truncated=0):
+        if not items:
+            return
+        w("")
+        w(title)
+        for it in items[:max_lines]:
+            w("  " + line(it))
+        more = len(items) - max_lines + truncated if len(items) > max_lines else truncated
+        if more > 0:
+            w(f"  ... and {more} more (see --json)")
+
+    section("violations:", r["violations"], lambda v: f"{v['kind']:<11} {v['path']}: {v['detail']}",
+            r["violations_truncated"])
+    hole_lines = [(run, h) for run in r["accounting"]["runs"] for h in run["windows"]]
+    section("lost frames (recv_seq holes; exchange = neighbouring frames):", hole_lines,
+            lambda x: f"run {x[0]['run_id']} ({x[0]['instance_id']}) {x[1]['exchange']}: seq "
+                      f"{x[1]['from_seq']}-{x[1]['to_seq']} ({x[1]['lost']} lost) "
+                      f"{x[1]['ts_from']} .. {x[1]['ts_to']}",
+            sum(run["windows_truncated"] for run in r["accounting"]["runs"]))
+    section(f"offline windows (no frames > {r['thresholds']['offline_s']:g} s):", r["offline"]["windows"],
+            lambda o: f"{o['exchange']:<8} {o['start']} .. {o['end']}  {o['duration_s']:.1f} s"
+                      + (f"  [{o['edge']}]" if o["edge"] else ""),
+            r["offline"]["windows_truncated"])
+    if r["offline"]["downtime_s"]:
+        w("  downtime per day: " + "; ".join(f"{ex} " + ", ".join(f"{d} {s:.1f} s" for d, s in days.items())
+                                           for ex, days in r["offline"]["downtime_s"].items()))
+    section("sequence gaps:", r["sequence_gaps"],
+            lambda g: f"{g['exchange']} {g['dataset']} {g['symbol']}: ids {g['from_id']} -> {g['to_id']} "
+                      f"({g['missed']} missed) {g['ts_from']} .. {g['ts_to']}"
+                      + ("  [offline]" if g["during_offline"] else ""),
+            r["sequence_gaps_truncated"])
+    section("time gaps:", r["time_gaps"],
+            lambda g: f"{g['exchange']} {g['dataset']} {g['symbol']}: {g['duration_s']:.1f} s silent "
+                      f"{g['ts_from']} .. {g['ts_to']}" + ("  [offline]" if g["during_offline"] else ""),
+            r["time_gaps_truncated"])
+    section("content (flagged, not fixed):", r["content"],
+            lambda c: f"{c['exchange']} {c['dataset']} {c['check']}: {_fmt_int(c['count'])}"
+                      + (f" (max {c['max_abs_s']} s)" if "max_abs_s" in c else "")
+                      + (f"; first {_where(c['first'])}" if c.get("first") else ""))
+    section("duplicate rows (reported, not an error):", r["duplicates"],
+            lambda d: f"{d['exchange']} {d['dataset']}: {_fmt_int(d['rows'])}")
+    for n in r["notes"]:
+        w(f"note: {n}")
+    w("")
+    verdict = {0: "OK", 1: "FINDINGS", 2: "VIOLATIONS"}[r["exit_code"]]
+    w(f"result: {verdict} (exit {r['exit_code']})" + (": " + "; ".join(r["findings"]) if r["findings"] else ""))
+    return "\n".join(out)
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="check_raw_sanity",
+        description="Verify stored RAW data. Exit 0 clean, 1 findings, 2 schema/readability violations.")
+    p.add_argument("--root", help="local directory or s3://bucket/prefix (default: the settings' storage)")
+    p.add_argument("--date", help="YYYY-MM-DD, 'today' or 'yesterday' (default: yesterday, UTC)")
+    p.add_argument("--from", dest="start", help="first date of a range (YYYY-MM-DD)")
+    p.add_argument("--to", dest="end", help="last date of a range (default: today)")
+    p.add_argument("--exchange", "--exchanges", dest="exchange", help="comma separated (default: all found)")
+    p.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    p.add_argument("--quiet", action="store_true", help="print nothing when clean (cron)")
+    p.add_argument("--offline-threshold", default="30s", help="no frames this long = offline (default 30s)")
+    p.add_argument("--gap-threshold", help="time-gap floor per stream (default: settings gap_time_floor)")
+    p.add_argument("--skew-threshold", default="5s", help="|ts_exchange - ts_recv| above this is flagged")
+    p.add_argument("--no-day-edges", dest="day_edges", action="store_false",
+                   help="do not count the time before the first / after the last frame of the days as offline")
+    p.add_argument("--max-list", type=int, default=1000, help="items per list in the report (totals stay exact)")
+    p.add_argument("--config", help="settings file (for the S3 endpoint/region and default root)")
+    return p
+
+
+def options_from_args(argv: list[str]) -> tuple[Options, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
+    from app import settings as settings_mod
+    try:
+        s = settings_mod.load(args.config, {})
+    except settings_mod.SettingsError as e:
+        if args.config:
+            raise
+        s = None
+        print(f"check_raw_sanity: settings ignored ({e}); using defaults and S3_ENDPOINT/S3_REGION", file=sys.stderr)
+    get = (lambda k, d: getattr(s, k)) if s is not None else (lambda k, d: os.environ.get(k.upper(), d))
+    root = args.root
+    if not root:
+        if get("storage_backend", "local") == "s3" and get("s3_bucket", ""):
+            root = f"s3://{get('s3_bucket', '')}/{get('s3_prefix', '')}".rstrip("/")
+        else:
+            root = get("data_dir", "./data")
+    today = dt.datetime.now(dt.timezone.utc).date()
+    exchanges = [e.strip() for e in args.exchange.split(",") if e.strip()] if args.exchange else None
+    unknown = sorted(set(exchanges or ()) - set(EXCHANGES))
+    if unknown:
+        raise ValueError(f"unknown exchange {', '.join(unknown)} (known: {', '.join(EXCHANGES)})")
+    return Options(
+        root=root, dates=date_range(args.date, args.start, args.end, today), exchanges=exchanges,
+        offline_threshold_s=parse_duration(args.offline_threshold),
+        gap_floor_s=parse_duration(args.gap_threshold) if args.gap_threshold else float(get("gap_time_floor", 60.0)),
+        gap_factor=float(get("gap_time_factor", 10.0)),
+        skew_threshold_s=parse_duration(args.skew_threshold), day_edges=args.day_edges,
+        max_list=args.max_list, s3_endpoint=get("s3_endpoint", "") or "",
+        s3_region=get("s3_region", "us-east-1") or "us-east-1"), args
+
+
+def main(argv: list[str]) -> int:
+    try:
+        opts, args = options_from_args(argv)
+    except Exception as e:  # noqa: BLE001 - a bad flag or settings file: say so, exit 2
+        print(f"check_raw_sanity: {e}", file=sys.stderr)
+        return 2
+    try:
+        report = check(opts)
+    except Exception as e:  # noqa: BLE001 - storage unreachable etc.: cron must see it
+        print(f"check_raw_sanity: cannot check {opts.root}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    code = report["exit_code"]
+    if args.quiet and code == 0:
+        return 0
+    if args.json:
+        print(json.dumps(report, indent=1, default=list))
+    else:
+        print(render_text(report))
+    return code

@@ -1,0 +1,553 @@
+"""bin/check_raw_sanity against data written by the real Writer (fed with exchange-shaped frames on
+a simulated clock, so a 60 s outage costs no waiting), with injected faults, locally and on a
+moto S3 server."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from app import sanity, schema, settings as settings_mod, writer as writer_mod
+from app.exchanges import load
+from app.state import State
+from app.storage import LocalStorage
+from tests.helpers import ROOT
+
+DAY = "2024-03-05"
+T0 = sanity.day_start_ns(DAY) + 10 * 3600 * 10**9        # 10:00:00Z
+TICK = 500_000_000                                         # one frame per symbol per 0.5 s
+TICKS_PER_FILE = 120                                       # 60 s files, as rotate_interval
+EXCHANGES = ("binance", "bybit", "okx")
+SYMS = {"binance": ["BTCUSDT", "ETHUSDT", "SOLUSDT"], "bybit": ["BTCUSDT", "ETHUSDT", "SOLUSDT"],
+        "okx": ["BTC-USDT-SWAP", "ETH-USDT-SWAP", "SOL-USDT-SWAP"]}
+
+
+class Market:
+    """Exchange-side state that moves on whether or not we receive it (ids keep counting)."""
+
+    def __init__(self):
+        self.trade_id: dict = {}
+        self.update_id: dict = {}
+
+    def next(self, table, key, step=1):
+        table[key] = table.get(key, 1000) + step
+        return table[key]
+
+    def frame(self, ex: str, si: int, tick: int, ts: int, *, bid="100.1", ask="100.2", price="100.15",
+              skew_ms=0, id_skip=0) -> bytes | None:
+        sym = SYMS[ex][si]
+        ms = ts // 1_000_000 + skew_ms
+        kind = (tick + si) % 4
+        if ex == "binance":
+            if kind in (0, 3):
+                u = self.next(self.update_id, (ex, sym))
+                return (f'{{"stream":"{sym.lower()}@bookTicker","data":{{"e":"bookTicker","u":{u},"s":"{sym}",'
+                        f'"b":"{bid}","B":"1.5","a":"{ask}","A":"2.5","T":{ms},"E":{ms}}}}}').encode()
+            if kind == 1:
+                a = self.next(self.trade_id, (ex, sym), 1 + id_skip)
+                return (f'{{"stream":"{sym.lower()}@aggTrade","data":{{"e":"aggTrade","E":{ms},"a":{a},"s":"{sym}",'
+                        f'"p":"{price}","q":"0.5","f":{a * 3},"l":{a * 3 + 2},"T":{ms},"m":false}}}}').encode()
+            return (f'{{"stream":"{sym.lower()}@markPrice@1s","data":{{"e":"markPriceUpdate","E":{ms},"s":"{sym}",'
+                    f'"p":"100.12","i":"100.11","P":"100.13","r":"0.0001","T":1709625600000}}}}').encode()
+        if ex == "bybit":
+            if kind in (0, 3):
+                u = self.next(self.update_id, (ex, sym))
+                return (f'{{"topic":"orderbook.1.{sym}","type":"snapshot","ts":{ms},"data":{{"s":"{sym}",'
+                        f'"b":[["{bid}","1.5"]],"a":[["{ask}","2.5"]],"u":{u},"seq":{u * 7}}},"cts":{ms}}}').encode()
+            if kind == 1:
+                n = self.next(self.trade_id, (ex, sym), 1 + id_skip)
+                return (f'{{"topic":"publicTrade.{sym}","type":"snapshot","ts":{ms},"data":[{{"T":{ms},"s":"{sym}",'
+                        f'"S":"Buy","v":"0.4","p":"{price}","L":"ZeroMinusTick",'
+                        f'"i":"00000000-0000-0000-0000-{n:012d}","BT":false}}]}}').encode()
+            return (f'{{"topic":"tickers.{sym}","type":"snapshot","data":{{"symbol":"{sym}","markPrice":"100.12",'
+                    f'"indexPrice":"100.11","openInterest":"1000","openInterestValue":"100000",'
+                    f'"nextFundingTime":"1709625600000","fundingRate":"0.0001"}},"cs":1,"ts":{ms}}}').encode()
+        if kind in (0, 3) and not (kind == 3 and tick % 8 >= 4):
+            if kind == 3:
+                return (f'{{"arg":{{"channel":"funding-rate","instId":"{sym}"}},"data":[{{"fundingRate":"0.0001",'
+                        f'"fundingTime":"1709625600000","instId":"{sym}","instType":"SWAP",'
+                        f'"nextFundingRate":"0.0002","ts":"{ms}"}}]}}').encode()
+            u = self.next(self.update_id, (ex, sym))
+            return (f'{{"arg":{{"channel":"bbo-tbt","instId":"{sym}"}},"data":[{{"asks":[["{ask}","2","0","1"]],'
+                    f'"bids":[["{bid}","1","0","1"]],"ts":"{ms}","seqId":{u}}}]}}').encode()
+        if kind == 3:
+            return (f'{{"arg":{{"channel":"open-interest","instId":"{sym}"}},"data":[{{"instId":"{sym}",'
+                    f'"instType":"SWAP","oi":"1000","oiCcy":"10","oiUsd":"100000","ts":"{ms}"}}]}}').encode()
+        if kind == 1:
+            t = self.next(self.trade_id, (ex, sym), 2 + id_skip)      # count 2: ids advance by 2
+            return (f'{{"arg":{{"channel":"trades","instId":"{sym}"}},"data":[{{"instId":"{sym}","tradeId":"{t}",'
+                    f'"px":"{price}","sz":"8","side":"buy","ts":"{ms}","count":"2"}}]}}').encode()
+        return (f'{{"arg":{{"channel":"mark-price","instId":"{sym}"}},"data":[{{"instId":"{sym}",'
+                f'"instType":"SWAP","markPx":"100.12","ts":"{ms}"}}]}}').encode()
+
+
+ACKS = {"binance": b'{"result":null,"id":1}',
+        "bybit": b'{"success":true,"ret_msg":"","conn_id":"c1","req_id":"1","op":"subscribe"}',
+        "okx": b'{"event":"subscribe","arg":{"channel":"trades","instId":"BTC-USDT-SWAP"},"connId":"a1"}'}
+
+
+class Recorder:
+    """One collector run: the real Writer (run_id, recv_seq from 1, its own conn ids) on a fake clock.
+
+    `tweak(tick, ex, si)` may return None (frame received normally), "skip" (not received:
+    the exchange is disconnected; its next frame arrives on a new connection), "drop" (received,
+    numbered, then lost before the writer: a recv_seq hole) or a dict of Market.frame overrides.
+    """
+
+    def __init__(self, data_dir, run_id: str, exchanges=EXCHANGES, instance_id="t1"):
+        s = settings_mod.load(None, environ={}, dotenv_path=os.path.join(str(data_dir), ".env")).replace(
+            data_dir=str(data_dir), exchanges=list(exchanges), instance_id=instance_id)
+        self.exchanges = exchanges
+        self.state = State(exchanges=list(exchanges), queue=queue.Queue())
+        self.w = writer_mod.Writer(s, queue.Queue(), self.state, LocalStorage(s, self.state),
+                                   {ex: load(ex) for ex in exchanges}, on_control=lambda *a: None,
+                                   run_id=run_id, version="test")
+        self.w.finalizer.start()
+        self.seq = 0
+        self.next_conn = 1
+        self.conn: dict[str, int] = {}
+        self.sent = 0
+        self.dropped = 0
+
+    def _conn(self, ex: str) -> int:
+        if ex not in self.conn:
+            self.conn[ex] = self.next_conn
+            self.next_conn += 1
+        return self.conn[ex]
+
+    def item(self, ex: str, ts: int, payload: bytes, conn: int | None = None):
+        self.seq += 1
+        return (ex, conn or self._conn(ex), self.seq, ts, payload)
+
+    def record(self, market: Market, t_from: int, t_to: int, tweak=None, extra=None) -> None:
+        batch = []
+        for tick in range(t_from, t_to):
+            ts = T0 + tick * TICK
+            for ex in self.exchanges:
+                for si in range(len(SYMS[ex])):
+                    how = tweak(tick, ex, si) if tweak else None
+                    payload = market.frame(ex, si, tick, ts + si * 1000, **(how if isinstance(how, dict) else {}))
+                    if how == "skip":
+                        self.conn.pop(ex, None)          # reconnect (new conn_id) when it comes back
+                        continue
+                    if ex not in self.conn:              # a new connection: its subscribe ACK first
+                        batch.append(self.item(ex, ts + si * 1000, ACKS[ex]))
+                    it = self.item(ex, ts + si * 1000, payload)
+                    if how == "drop":
+                        self.dropped += 1
+                        continue
+                    batch.append(it)
+            for it in (extra(self, tick) if extra else ()):
+                batch.append(it)
+            if (tick + 1) % TICKS_PER_FILE == 0 or tick == t_to - 1:
+                self.sent += len(batch)
+                self.w.process(batch)
+                self.w.flush()
+                self.w.rotate()
+                batch = []
+
+    def close(self) -> None:
+        self.w.finalizer.stop()
+
+
+def check(root, **kw) -> dict:
+    kw.setdefault("dates", [DAY])
+    kw.setdefault("day_edges", False)
+    kw.setdefault("now_ns", T0 + 86_400 * 10**9 * 2)
+    return sanity.check(sanity.Options(root=str(root), **kw))
+
+
+def record_clean(data_dir, ticks=600, run_id="20240305T100000Zaaaa", **kw) -> Recorder:
+    r = Recorder(data_dir, run_id, **kw)
+    r.record(Market(), 0, ticks)
+    r.close()
+    return r
+
+
+@pytest.fixture(scope="module")
+def clean_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("clean")
+    rec = record_clean(d)
+    return d, rec
+
+
+# ---- clean data -----------------------------------------------------------------------------------
+
+def test_clean_day_exit_0_with_expected_counts(clean_dir):
+    d, rec = clean_dir
+    r = check(d)
+    assert r["exit_code"] == 0, r["findings"]
+    assert r["findings"] == [] and r["violations"] == []
+    frames = sum(s["frames"] for s in r["summary"].values())
+    assert frames == rec.sent == rec.seq == 600 * 9 + 3      # 9 symbols x 600 ticks + 3 ACKs
+    assert r["accounting"]["lost_frames"] == 0
+    (run,) = r["accounting"]["runs"]
+    assert (run["first_seq"], run["last_seq"], run["frames"]) == (1, rec.seq, rec.seq)
+    assert run["exchanges"] == list(EXCHANGES)
+    # 5 minutes = 5 files per (dataset, exchange): binance has no open_interest
+    assert r["summary"]["binance"]["files"] == 5 * 5
+    assert r["summary"]["okx"]["files"] == 5 * 6 and r["summary"]["bybit"]["files"] == 5 * 6
+    rows = {(x["exchange"], x["dataset"]): x["rows"] for x in r["datasets"]}
+    assert rows[("binance", "trades")] == 600 * 3 // 4
+    assert rows[("binance", "mark_price")] == rows[("binance", "funding")] == 600 * 3 // 4
+    assert rows[("bybit", "bbo")] == 600 * 3 // 2
+    assert r["summary"]["binance"]["rows"] == sum(
+        v for (e, ds), v in rows.items() if e == "binance" and ds != "frames") == 900 + 3 * 450
+    assert r["sequence_gaps"] == [] and r["time_gaps"] == [] and r["offline"]["windows"] == []
+    assert r["content"] == [] and r["duplicates"] == []
+
+
+def test_day_edges_count_as_offline(clean_dir):
+    d, _ = clean_dir
+    r = check(d, day_edges=True)
+    assert r["exit_code"] == 1
+    wins = r["offline"]["windows"]
+    assert sorted((w["exchange"], w["edge"]) for w in wins) == sorted(
+        [(ex, e) for ex in EXCHANGES for e in ("start", "end")])
+    b = [w for w in wins if w["exchange"] == "binance" and w["edge"] == "start"][0]
+    assert b["start"] == f"{DAY}T00:00:00.000Z" and b["end"] == f"{DAY}T10:00:00.000Z"
+    # recorded 10:00:00 .. 10:04:59.5: downtime is the rest of the day
+    assert r["offline"]["downtime_s"]["binance"][DAY] == pytest.approx(86_400 - 299.5, abs=0.01)
+    # checking "today" (the day not over yet): no end edge
+    r = check(d, day_edges=True, now_ns=T0 + 3600 * 10**9)
+    assert sorted(w["edge"] for w in r["offline"]["windows"]) == ["start"] * 3
+
+
+def test_expected_exchange_without_frames_is_offline(tmp_path):
+    record_clean(tmp_path, ticks=240, exchanges=("binance",))
+    assert check(tmp_path)["exit_code"] == 0
+    r = check(tmp_path, exchanges=["binance", "okx"])
+    assert r["exit_code"] == 1
+    (w,) = r["offline"]["windows"]
+    assert (w["exchange"], w["edge"], w["duration_s"]) == ("okx", "no_frames", 86_400)
+    assert r["summary"]["okx"]["files"] == 0 and r["summary"]["okx"]["downtime_s"] == 86_400
+
+
+def test_exchange_filter_and_text_output(clean_dir, capsys):
+    d, _ = clean_dir
+    r = check(d, exchanges=["okx"])
+    assert list(r["summary"]) == ["okx"] and r["exit_code"] == 0
+    code = sanity.main(["--root", str(d), "--date", DAY, "--no-day-edges", "--exchange", "okx"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "okx" in out and "binance" not in out.split("result:")[0].split("exchange")[-1]
+    assert "result: OK (exit 0)" in out
+    assert sanity.main(["--root", str(d), "--date", DAY, "--no-day-edges", "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    assert sanity.main(["--root", str(d), "--date", DAY, "--exchange", "bitmex"]) == 2
+    assert "unknown exchange" in capsys.readouterr().err
+
+
+# ---- faults ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def faulty_dir(tmp_path_factory):
+    """Run A 10:00:00-10:05:00 with drops, an OKX disconnect, a Binance trade-id jump and bad
+    content; the collector then is killed for 60 s; run B 10:06:00-10:08:00."""
+    d = tmp_path_factory.mktemp("faulty")
+    m = Market()
+
+    def tweak(tick, ex, si):
+        if tick == 100 and ex == "binance" and si == 1:
+            return "drop"                                   # hole of 1 between two binance frames
+        if tick == 200 and (ex, si) in (("binance", 2), ("bybit", 0), ("bybit", 1)):
+            return "drop"                                   # hole of 3: binance | bybit
+        if 300 <= tick < 420 and ex == "okx":
+            return "skip"                                   # OKX disconnected 60 s
+        if tick == 453 and ex == "binance" and si == 0:     # (453+0)%4 == 1: a trade
+            return {"id_skip": 7}                           # 7 aggTrade ids never sent
+        if tick == 460 and ex == "binance" and si == 0:     # (460)%4 == 0: bbo
+            return {"bid": "100.3", "ask": "100.2"}         # crossed
+        if tick == 464 and ex == "binance" and si == 0:
+            return {"bid": "100.2", "ask": "100.2"}         # locked
+        if tick == 473 and ex == "okx" and si == 0:         # (473)%4 == 1: an OKX trade
+            return {"price": "0"}                           # non-positive price
+        if tick == 480 and ex == "bybit" and si == 2:       # (482)%4 == 2: tickers
+            return {"skew_ms": 12_345}                      # 12.3 s clock skew
+        return None
+
+    def extra(rec, tick):
+        if tick == 500:   # Bybit re-sends an unchanged snapshot (same u): a duplicate, not an error
+            u = m.update_id[("bybit", "BTCUSDT")]
+            ms = (T0 + tick * TICK) // 10**6
+            p = (f'{{"topic":"orderbook.1.BTCUSDT","type":"snapshot","ts":{ms},"data":{{"s":"BTCUSDT",'
+                 f'"b":[["100.1","1.5"]],"a":[["100.2","2.5"]],"u":{u},"seq":{u * 7 + 1}}},"cts":{ms}}}').encode()
+            return [rec.item("bybit", T0 + tick * TICK + 5000, p)]
+        if tick == 510:   # the clock stepped back 2 s on the binance connection
+            return [rec.item("binance", T0 + tick * TICK - 2 * 10**9, b'{"result":null,"id":9}')]
+        return []
+
+    a = Recorder(d, "20240305T100000Zaaaa")
+    a.record(m, 0, 600, tweak, extra)
+    a.close()
+    # collector killed at 10:05:00, restarted at 10:06:00; the market moved on meanwhile
+    for tick in range(600, 720):
+        for ex in EXCHANGES:
+            for si in range(3):
+                m.frame(ex, si, tick, T0)
+    b = Recorder(d, "20240305T100600Zbbbb")
+    b.record(m, 720, 960)
+    b.close()
+    return d, a, b
+
+
+def test_faults_reported_with_counts_and_windows(faulty_dir):
+    d, a, b = faulty_dir
+    r = check(d)
+    assert r["exit_code"] == 1 and r["violations"] == []
+    # accounting: run A lost 4 frames in 2 holes, attributed by neighbours; run B none
+    runs = {x["run_id"]: x for x in r["accounting"]["runs"]}
+    ra, rb = runs["20240305T100000Zaaaa"], runs["20240305T100600Zbbbb"]
+    assert (ra["lost_frames"], ra["holes"], rb["lost_frames"]) == (4, 2, 0)
+    assert ra["frames"] == a.seq - 4 and rb["frames"] == b.seq
+    w1, w2 = ra["windows"]
+    assert (w1["lost"], w1["exchange"], w2["lost"], w2["exchange"]) == (1, "binance", 3, "binance|bybit")
+    assert w1["ts_from"] == sanity.iso(T0 + 100 * TICK) and w1["ts_to"] == sanity.iso(T0 + 100 * TICK + 2000)
+    assert r["accounting"]["by_exchange"] == {"binance": {"lost_frames": 1, "holes": 1},
+                                              "binance|bybit": {"lost_frames": 3, "holes": 1}}
+    assert r["summary"]["binance"]["lost_frames"] == 1
+    # offline: OKX 60 s disconnect (last frame tick 299, next tick 420) and the 60 s kill for all
+    wins = [(w["exchange"], w["start"], w["end"]) for w in r["offline"]["windows"]]
+    okx_gap = (sanity.iso(T0 + 299 * TICK + 2000), sanity.iso(T0 + 420 * TICK))
+    kill = {ex: (sanity.iso(T0 + 599 * TICK + 2000), sanity.iso(T0 + 720 * TICK)) for ex in EXCHANGES}
+    assert ("okx", *okx_gap) in wins
+    assert sorted(w for w in wins if w[1] >= sanity.iso(T0 + 599 * TICK)) == sorted(
+        (ex, *kill[ex]) for ex in EXCHANGES)
+    assert len(wins) == 4
+    assert r["offline"]["downtime_s"]["okx"][DAY] == pytest.approx(2 * 60.5, abs=0.001)
+    assert r["offline"]["downtime_s"]["binance"][DAY] == pytest.approx(60.5, abs=0.001)
+    # sequence gaps: the Binance id jump, the OKX disconnect and the kill on both id streams
+    seq = [(g["exchange"], g["symbol"], g["missed"], g["during_offline"]) for g in r["sequence_gaps"]]
+    assert ("binance", "BTCUSDT", 7, False) in seq
+    assert ("binance", "ETHUSDT", 1, False) in seq           # the frame dropped at tick 100 was a trade
+    okx_missed = {g["symbol"]: g["missed"] for g in r["sequence_gaps"]
+                  if g["exchange"] == "okx" and g["ts_from"] < sanity.iso(T0 + 420 * TICK)}
+    assert okx_missed == {s: 2 * 30 for s in SYMS["okx"]}    # 30 trades of count 2 never received
+    kill_gaps = [g for g in r["sequence_gaps"] if g["ts_to"] >= sanity.iso(T0 + 720 * TICK)]
+    assert sorted((g["exchange"], g["missed"]) for g in kill_gaps) == sorted(
+        [("binance", 30)] * 3 + [("okx", 60)] * 3)
+    assert all(g["during_offline"] for g in kill_gaps)
+    assert r["summary"]["binance"]["sequence_gaps"] == 5 and r["summary"]["binance"]["ids_missed"] == 98
+    # time gaps: only cadenced streams, only during the outages
+    tg = r["time_gaps"]
+    assert tg and all(g["during_offline"] for g in tg)
+    # (a stream feeding several datasets is timed on its first: markPrice/tickers -> mark_price)
+    assert sorted((g["exchange"], g["dataset"], g["symbol"]) for g in tg) == sorted(
+        [("binance", "mark_price", s) for s in SYMS["binance"]]
+        + [("bybit", ds, s) for ds in ("bbo", "mark_price") for s in SYMS["bybit"]])
+    # content: flagged with counts and first occurrence
+    c = {(x["exchange"], x["dataset"], x["check"]): x for x in r["content"]}
+    assert c[("binance", "bbo", "crossed_bbo")]["count"] == 1
+    assert c[("binance", "bbo", "locked_bbo")]["count"] == 1
+    assert c[("binance", "bbo", "crossed_bbo")]["first"]["ts_recv"] == sanity.iso(T0 + 460 * TICK)
+    assert c[("okx", "trades", "non_positive_price")]["count"] == 1
+    skew = {k: v for k, v in c.items() if k[2] == "clock_skew"}
+    assert {k[:2] for k in skew} == {("bybit", "mark_price"), ("bybit", "funding"), ("bybit", "open_interest")}
+    assert all(v["count"] == 1 and v["max_abs_s"] == pytest.approx(12.345, abs=0.001) for v in skew.values())
+    back = c[("binance", "frames", "ts_recv_backwards")]
+    assert back["count"] == 1 and back["max_abs_s"] == pytest.approx(2.0, abs=0.01)
+    assert len(c) == 7
+    assert r["duplicates"] == [{"exchange": "bybit", "dataset": "bbo", "rows": 1}]
+
+
+def test_streamed_batches_give_the_same_report(faulty_dir, monkeypatch):
+    """Files larger than BATCH_ROWS are streamed batch by batch (bounded memory): every check
+    carries its state across batches, so the findings are the same as file by file."""
+    d, _, _ = faulty_dir
+    whole = check(d)
+    monkeypatch.setattr(sanity, "BATCH_ROWS", 37)
+    streamed = check(d)
+    for key in ("exit_code", "findings", "summary", "accounting", "sequence_gaps", "time_gaps", "offline",
+                "content"):
+        assert streamed[key] == whole[key], key
+
+
+def test_corrupt_and_wrong_schema_files_exit_2(tmp_path, clean_dir):
+    src, _ = clean_dir
+    d = tmp_path / "data"
+    shutil.copytree(src, d)
+    def files(ds, ex="binance"):
+        return sorted(glob.glob(str(d / f"raw/v1/{ds}/exchange={ex}/date=*/*.parquet")))
+
+    trades, bbo, mark, frames = files("trades"), files("bbo"), files("mark_price"), files("frames")
+    frames_rows = pq.read_metadata(frames[2]).num_rows
+    with open(frames[2], "r+b") as f:                  # frames unreadable: accounting incomplete
+        f.truncate(1000)
+    # a truncated file (a torn copy)
+    with open(trades[1], "r+b") as f:
+        f.truncate(os.path.getsize(trades[1]) // 2)
+    # wrong schemas: an extra column, a missing column, a wrong type, a lost nullability
+    t = pq.read_table(trades[2])
+    meta = t.schema.metadata
+    pq.write_table(t.append_column("extra", pa.array([1] * t.num_rows)).replace_schema_metadata(meta), trades[2])
+    t = pq.read_table(trades[3])
+    pq.write_table(t.drop_columns(["side"]).replace_schema_metadata(meta), trades[3])
+    t = pq.read_table(mark[0])
+    i = t.schema.get_field_index("mark_px")
+    pq.write_table(t.set_column(i, pa.field("mark_px", pa.string(), False), t.column(i).cast(pa.string())), mark[0])
+    t = pq.read_table(bbo[1])
+    loose = pa.schema([f.with_nullable(True) for f in t.schema], metadata=t.schema.metadata)
+    pq.write_table(pa.Table.from_arrays(t.columns, schema=loose), bbo[1])
+    # right schema, metadata missing
+    t = pq.read_table(bbo[2])
+    pq.write_table(t.replace_schema_metadata({b"dataset": b"bbo", b"run_id": b"x"}), bbo[2])
+    r = check(d)
+    assert r["exit_code"] == 2
+    v = {x["path"]: x for x in r["violations"]}
+    assert v[trades[1]]["kind"] == "unreadable"
+    assert (v[trades[2]]["kind"], v[trades[2]]["detail"]) == ("schema", "extra column extra")
+    assert v[trades[3]]["detail"] == "missing column side"
+    assert v[mark[0]]["detail"] == "column mark_px: type string, expected double"
+    assert v[bbo[1]]["detail"].startswith("column exchange: nullable=True, expected False; column symbol:")
+    assert v[bbo[2]] == dict(v[bbo[2]], kind="metadata", detail="missing key-value metadata schema_version, "
+                             "exchange, collector_version, instance_id")
+    assert v[frames[2]]["kind"] == "unreadable"
+    assert r["violations_truncated"] == 0 and len(r["violations"]) == 7
+    assert r["accounting"]["complete"] is False and r["accounting"]["lost_frames"] == frames_rows
+    assert r["notes"] == ["1 frames file(s) could not be read: their recv_seq count as holes"]
+    # files with a bad schema and the torn one are not read: their trade ids show as a gap
+    assert sorted((g["symbol"], g["missed"]) for g in r["sequence_gaps"]) == [(s, 90) for s in SYMS["binance"]]
+    assert r["datasets"] and r["summary"]["binance"]["files"] == 25      # every file is counted
+    # a file under the wrong partition: its exchange column and metadata say binance
+    other = str(d / f"raw/v1/funding/exchange=okx/date={DAY}/moved.parquet")
+    shutil.copy(files("funding")[0], other)
+    r = check(d, exchanges=["okx"])
+    assert r["exit_code"] == 2
+    assert sorted((x["kind"], x["detail"]) for x in r["violations"] if x["path"] == other) == [
+        ("metadata", "exchange='binance', expected 'okx'"),
+        ("partition", "exchange column holds 'binance'..'binance', partition is exchange=okx")]
+    # frames of every exchange are read for the run's accounting, so the torn binance one shows too
+    assert [x["path"] for x in r["violations"] if x["path"] != other] == [frames[2]]
+
+
+def test_script_exit_codes_json_and_quiet(tmp_path, clean_dir):
+    src, _ = clean_dir
+    script = os.path.join(ROOT, "bin", "check_raw_sanity")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("S3_", "STORAGE_"))}
+
+    def run(*args, root=src):
+        return subprocess.run([sys.executable, script, "--root", str(root), "--date", DAY, *args],
+                              capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=120)
+    p = run("--no-day-edges", "--quiet")
+    assert (p.returncode, p.stdout) == (0, "")
+    p = run("--json")                                   # day edges on: the rest of the day is offline
+    assert p.returncode == 1
+    rep = json.loads(p.stdout)
+    assert rep["exit_code"] == 1 and len(rep["offline"]["windows"]) == 6
+    p = run("--quiet")
+    assert p.returncode == 1 and "offline windows" in p.stdout
+    p = run(root=tmp_path / "nowhere")
+    assert p.returncode == 2 and "root not found" in p.stdout
+
+
+# ---- the real collector against the simulator ------------------------------------------------------
+
+def test_collector_output_checks_clean_but_for_skipped_ids(tmp_path):
+    """No false positives on what bin/collector really writes; the ids the exchange skipped are
+    found exactly."""
+    import datetime as dt
+    import time
+    from sim import Simulator
+    from tests.helpers import CollectorProcess, sim_env
+    sim = Simulator(exchanges=("binance",), rate=40.0, seed=7, cadence_scale=0.2)
+    sim.start()
+    try:
+        env = sim_env(sim, ("binance",))
+        env.update({"EXCHANGES": "binance", "SYMBOLS": "BTCUSDT,ETHUSDT", "FLUSH_INTERVAL": "0.5",
+                    "ROTATE_INTERVAL": "2"})
+        with CollectorProcess(tmp_path, env) as c:
+            c.wait_for("subscribed", count=2)
+            time.sleep(2)
+            sim.skip_ids("binance", "btcusdt@aggTrade", 5)
+            time.sleep(2)
+            sim.pause("binance")
+            time.sleep(1)
+            assert c.stop() == 0
+        sent = sim.stats()["binance"]
+    finally:
+        sim.stop()
+    today = dt.datetime.now(dt.timezone.utc).date()
+    r = check(c.data_dir, dates=sanity.date_range(None, "yesterday", "today", today), now_ns=None)
+    assert r["findings"] == ["1 sequence gap(s), 5 id(s) missed"] and r["exit_code"] == 1
+    (g,) = r["sequence_gaps"]
+    assert (g["exchange"], g["dataset"], g["symbol"], g["missed"]) == ("binance", "trades", "BTCUSDT", 5)
+    assert r["summary"]["binance"]["frames"] == sum(sent["frames"].values()) + sent["control_frames"]
+    assert r["summary"]["binance"]["rows"] == sum(sent["rows"].values())
+    assert r["accounting"]["lost_frames"] == 0 and r["violations"] == [] and r["content"] == []
+
+
+# ---- S3 -------------------------------------------------------------------------------------------
+
+def test_same_checks_on_s3(tmp_path, faulty_dir):
+    from tests.s3server import running_s3
+    src, a, b = faulty_dir
+    d = tmp_path / "data"
+    shutil.copytree(src, d, ignore=shutil.ignore_patterns("spool"))
+    bad = sorted(glob.glob(str(d / "raw/v1/bbo/exchange=okx/date=*/*.parquet")))[0]
+    with open(bad, "r+b") as f:
+        f.truncate(100)
+    local = check(d)
+    with running_s3() as s3:
+        bucket = s3.new_bucket()
+        client = s3.client()
+        for path in glob.glob(str(d / "raw/**/*.parquet"), recursive=True):
+            client.upload_file(path, bucket, "pre/fix/" + os.path.relpath(path, d))
+        env = dict(os.environ, **s3.env(bucket, "pre/fix"))
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "bin", "check_raw_sanity"),
+                            "--root", f"s3://{bucket}/pre/fix", "--date", DAY, "--no-day-edges", "--json"],
+                           capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=180)
+        assert p.returncode == 2, p.stderr
+        remote = json.loads(p.stdout)
+        # without --root: the settings' storage (STORAGE_BACKEND=s3, S3_BUCKET, S3_PREFIX); that
+        # prefix has nothing for the day: "no data", a finding
+        p2 = subprocess.run([sys.executable, os.path.join(ROOT, "bin", "check_raw_sanity"), "--date", DAY, "--json"],
+                            capture_output=True, text=True, env=dict(env, S3_PREFIX="other"), cwd=str(tmp_path),
+                            timeout=60)
+        assert p2.returncode == 1, p2.stderr
+        rep2 = json.loads(p2.stdout)
+        assert rep2["root"] == f"s3://{bucket}/other" and rep2["findings"] == ["no data files found"]
+        p3 = subprocess.run([sys.executable, os.path.join(ROOT, "bin", "check_raw_sanity"),
+                             "--root", "s3://no-such-bucket/x", "--date", DAY],
+                            capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=60)
+        assert p3.returncode == 2
+    assert local["exit_code"] == 2
+    for key in ("summary", "accounting", "sequence_gaps", "time_gaps", "content", "duplicates"):
+        assert remote[key] == local[key], key
+    assert remote["offline"]["windows"] == local["offline"]["windows"]
+    assert [v["detail"] for v in remote["violations"]] and len(remote["violations"]) == 1
+    assert remote["violations"][0]["path"].endswith(os.path.basename(bad))
+
+
+# ---- units ----------------------------------------------------------------------------------------
+
+def test_run_seqs_holes_and_growth():
+    import numpy as np
+    rs = sanity.RunSeqs(5, 10)
+    rs.mark(np.array([5, 6, 9], dtype=np.int64), 1)
+    rs.mark(np.array([12, 13, 3], dtype=np.int64), 3)     # grows both ways
+    rs.mark(np.array([6], dtype=np.int64), 1)
+    first, last, holes = rs.holes()
+    assert (first, last) == (3, 13) and rs.duplicates == 1 and rs.frames == 7
+    assert holes == [(4, 4, 3, 1), (7, 8, 1, 1), (10, 11, 1, 3)]
+    assert [sanity.hole_label(p, n) for *_, p, n in holes] == ["binance|okx", "binance", "binance|okx"]
+
+
+def test_dates_and_durations():
+    import datetime as dt
+    today = dt.date(2024, 3, 5)
+    assert sanity.date_range(None, None, None, today) == ["2024-03-04"]
+    assert sanity.date_range("today", None, None, today) == ["2024-03-05"]
+    assert sanity.date_range(None, "2024-03-03", None, today) == ["2024-03-03", "2024-03-04", "2024-03-05"]
+    assert sanity.date_range(None, "2024-02-28", "2024-03-01", today) == ["2024-02-28", "2024-02-29", "2024-03-01"]
+    with pytest.raises(ValueError):
+        sanity.date_range(None, "2024-03-05", "2024-03-01", today)
+    assert [sanity.parse_duration(x) for x in ("30s", "2m", "1h", "500ms", "7")] == [30, 120, 3600, 0.5, 7]
+    assert schema.SCHEMAS["frames"].names == ["exchange", "conn_id", "recv_seq", "ts_recv", "payload"]
