@@ -1,8 +1,11 @@
 """WebSocket connections: websocket-client threads that stamp frames and enqueue them.
 
-`on_message` is the hot path and does only this: take ts_recv, the process-wide recv_seq and
-the conn_id, and `put_nowait` the raw bytes (UTF-8 is validated later, per batch, in Arrow). A
-full queue is a counted drop, never a block: the exchange would disconnect a slow reader.
+`on_message` is the hot path and does only this: stamp the frame with ts_recv, the
+process-wide recv_seq and the conn_id, and append it, raw bytes, to the connection's
+micro-batch (UTF-8 is validated later, per batch, in Arrow). The micro-batch goes into the queue
+under one lock whenever the thread is about to wait for the network (`put_frames`), so a frame
+is never held back waiting for the next one. A full queue is a counted drop per frame, never a
+block: the exchange would disconnect a slow reader.
 
 Everything slower lives in the Manager's watchdog thread, once a second: keepalive pings,
 dead-socket detection (no frame at all for stale_timeout, which also catches half-open
@@ -42,6 +45,9 @@ log = logs.get()
 #   * `BufferedDispatcher` installs the reader when the dispatcher starts reading (after the
 #     handshake, which websocket-client reads byte by byte, so no data is in flight) and calls
 #     select() only when the buffer is empty: a buffered frame is parsed at once.
+#   * Before the thread may wait for the network (a refill or a select), the app's
+#     `before_wait` hook runs: the connection hands its micro-batch of frames to the queue
+#     there, under one lock, instead of one put_nowait per frame (see Connection._run_once).
 # UTF-8 is not validated here (`skip_utf8_validation`): Arrow validates each batch in the writer.
 
 READ_CHUNK = 64 * 1024
@@ -50,11 +56,12 @@ READ_CHUNK = 64 * 1024
 class _BufferedReader:
     """`recv_strict(n)` for websocket-client's frame_buffer, served from READ_CHUNK reads."""
 
-    __slots__ = ("_recv", "_pending_ssl", "buf", "pos")
+    __slots__ = ("_recv", "_pending_ssl", "_before_wait", "buf", "pos")
 
-    def __init__(self, frame_buffer, sock):
+    def __init__(self, frame_buffer, sock, before_wait):
         self._recv = frame_buffer.recv          # WebSocket._recv: closed socket -> exception
         self._pending_ssl = getattr(sock, "pending", None)    # TLS: decrypted, not yet read
+        self._before_wait = before_wait
         self.buf = b""
         self.pos = 0
 
@@ -67,6 +74,7 @@ class _BufferedReader:
         parts = [self.buf[pos:]]
         have = len(parts[0])
         while have < n:
+            self._before_wait()
             chunk = self._recv(max(READ_CHUNK, n - have))
             parts.append(chunk)
             have += len(chunk)
@@ -87,30 +95,60 @@ class BufferedDispatcher(websocket._app.Dispatcher):
         ws = self.app.sock
         if ws is None or ws.sock is None:
             return
-        reader = _BufferedReader(ws.frame_buffer, ws.sock)
+        app = self.app
+        before_wait = getattr(app, "before_wait", None) or _nothing
+        reader = _BufferedReader(ws.frame_buffer, ws.sock, before_wait)
         ws.frame_buffer.recv_strict = reader.recv_strict     # instance attribute shadows the method
         buffered = reader.buffered
-        app = self.app
         sel = selectors.DefaultSelector()
         sel.register(ws.sock, selectors.EVENT_READ)
         try:
             while app.keep_running:
-                if buffered() or sel.select(self.ping_timeout):
+                if buffered():
                     if not read_callback():
+                        break
+                else:
+                    before_wait()
+                    if sel.select(self.ping_timeout) and not read_callback():
                         break
                 check_callback()
         finally:
             sel.close()
 
 
+def _nothing() -> None:
+    pass
+
+
 class FastWebSocketApp(websocket.WebSocketApp):
     """WebSocketApp whose default dispatcher is `BufferedDispatcher` (same semantics otherwise:
-    no custom-dispatcher code paths of websocket-client are involved)."""
+    no custom-dispatcher code paths of websocket-client are involved). Set `before_wait` to a
+    callable to run it whenever the socket thread is about to wait for data."""
+
+    before_wait = None
 
     def create_dispatcher(self, ping_timeout, dispatcher=None, *args, **kwargs):
         if dispatcher is not None:
             return super().create_dispatcher(ping_timeout, dispatcher, *args, **kwargs)
         return BufferedDispatcher(self, ping_timeout or 10)
+
+
+def put_frames(q: queue.Queue, items: list) -> int:
+    """Append a connection's micro-batch to the ingestion queue under one lock; -> how many
+    frames did not fit. The same rule as put_nowait per frame: the capacity counts frames, a
+    frame that finds the queue full is dropped (its recv_seq is already taken, so drops are
+    exactly the holes in recv_seq), and nothing ever blocks."""
+    with q.mutex:
+        room = q.maxsize - len(q.queue) if q.maxsize > 0 else len(items)
+        accepted = len(items) if room >= len(items) else max(0, room)
+        if accepted == len(items):
+            q.queue.extend(items)
+        elif accepted:
+            q.queue.extend(items[:accepted])
+        if accepted:
+            q.unfinished_tasks += accepted
+            q.not_empty.notify()
+    return len(items) - accepted
 
 
 # run_forever options of every connection (and of the bench's no-op ceiling client): no UTF-8
@@ -204,20 +242,27 @@ class Connection:
     def _run_once(self) -> None:
         conn_id = next(self.manager.conn_ids)
         exchange = self.exchange
-        put = self.manager.queue.put_nowait
+        q = self.manager.queue
         next_seq = self.manager.recv_seq.__next__
         time_ns = time.time_ns
-        full = queue.Full
         on_drop = self.manager.on_drop
+        batch: list[tuple] = []          # stamped frames not yet in the queue (a micro-batch)
+        stamp = batch.append
 
         def on_message(_ws, data):
-            ts = time_ns()
-            self.last_frame_ns = ts
-            self.received += 1
-            try:
-                put((exchange, conn_id, next_seq(), ts, data))
-            except full:
-                self.dropped += 1
+            stamp((exchange, conn_id, next_seq(), time_ns(), data))
+
+        def hand_over():
+            """The micro-batch -> the queue: before the thread waits for the network (so a
+            frame never waits here for the next one), and on close."""
+            if not batch:
+                return
+            self.received += len(batch)
+            self.last_frame_ns = batch[-1][3]
+            dropped = put_frames(q, batch)
+            batch.clear()
+            if dropped:
+                self.dropped += dropped
                 on_drop(self)
 
         def on_open(ws):
@@ -230,6 +275,7 @@ class Connection:
             self.manager.by_conn_id[conn_id] = self
             log.info("ws_connect", extra={"exchange": exchange, "conn": self.name, "conn_id": conn_id,
                                           "url": self.url, "streams": len(self.plan.streams)})
+            self.manager.notify("open", self, conn_id)
             threading.Thread(target=self._subscribe, args=(ws, list(self.plan.streams)),
                              name=f"sub-{self.name}", daemon=True).start()
 
@@ -241,6 +287,7 @@ class Connection:
                 self._close_reason = repr(error)
 
         def on_close(_ws, code, reason):
+            hand_over()
             was_connected = self.connected
             self.connected = False
             self.manager.by_conn_id.pop(conn_id, None)
@@ -248,15 +295,18 @@ class Connection:
                                              "conn_id": conn_id, "code": code,
                                              "reason": reason or self._close_reason or "closed",
                                              "was_connected": was_connected})
+            self.manager.notify("close", self, conn_id, was_connected)
 
         self._close_reason = ""
         self.manager.connect_gate(exchange, self._stop)
         self.app = FastWebSocketApp(self.url, on_open=on_open, on_message=on_message,
                                     on_error=on_error, on_close=on_close,
                                     on_ping=on_liveness, on_pong=on_liveness)
+        self.app.before_wait = hand_over
         if self._stop.is_set():
             return
         self.app.run_forever(**RUN_OPTIONS)
+        hand_over()
         if self.connected:   # on_close not called (failed handshake path)
             on_close(None, None, self._close_reason)
         if not self.connects and self._close_reason:
@@ -348,7 +398,17 @@ class Manager:
         self._stop = threading.Event()
         self._silent: dict[tuple[str, str], float] = {}
         self._drop_log = logs.RateLimited(10.0)
+        # callables(event "open"|"close", conn, conn_id, was_connected), called in the socket
+        # thread on every connect/disconnect (the gap detector); they must only enqueue
+        self.listeners: list = []
         self._thread = threading.Thread(target=self._watchdog, name="ws-watchdog", daemon=True)
+
+    def notify(self, event: str, conn: Connection, conn_id: int, was_connected: bool = True) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event, conn, conn_id, was_connected)
+            except Exception as e:  # noqa: BLE001 - a listener must never break a socket thread
+                log.error("listener_error", extra={"event": event, "error": repr(e)})
 
     def connect_gate(self, exchange: str, stop: threading.Event) -> None:
         """Space new connections per exchange (OKX: 3 per second per IP; Bybit: 500 per 5 min)."""

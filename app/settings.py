@@ -126,6 +126,9 @@ KEYS = [
     Key("writer_batch", "queue", int, 20_000, _positive),
     Key("writer_throttle_s", "queue", float, 0.0,
         help="testing only: sleep per writer batch, to exercise pressure relief"),
+    Key("writer_throttle_file", "queue", str, "",
+        help="testing only: a file holding seconds of sleep per writer batch, re-read while the "
+             "writer runs (bench/soak.py slows the writer and lets it recover without a restart)"),
     Key("status_host", "status", str, "127.0.0.1"),
     Key("status_port", "status", int, 8000, _port),
     Key("heartbeat_interval", "status", float, 30.0, _positive),

@@ -165,8 +165,18 @@ class Simulator:
     def okx_notice(self, delay=60.0):
         return self._lt.call(self._get("okx").notice, delay)
 
-    def rest_fail(self, exchange, status, n, body=None):
-        self._lt.call(self._get(exchange).rest_fail, status, n, body)
+    def rest_fail(self, exchange, status, n, body=None, headers=None):
+        """The next `n` REST requests get `status` (with `body` and `headers`, e.g. Retry-After)."""
+        self._lt.call(self._get(exchange).rest_fail, status, n, body, headers)
+
+    def refuse_connections(self, exchange, seconds):
+        """Refuse new WebSocket handshakes (HTTP 503) for `seconds`; 0 accepts again at once.
+        Generation goes on: with drop_connections this is an outage of exactly that length."""
+        self._lt.call(self._get(exchange).refuse_connections, float(seconds))
+
+    def rest_log(self, exchange) -> list:
+        """Every REST answer so far as (wall time, path, status), oldest first."""
+        return self._lt.call(lambda: list(self._get(exchange).rest_log))
 
     def pause(self, exchange):
         ex = self._get(exchange)

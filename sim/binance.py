@@ -209,6 +209,7 @@ class Binance(ExchangeBase):
             conn.last_server_ping = mono
             if conn.write_frame(b"\x89\x08" + b"%08d" % (int(mono) % 10**8)):
                 self.c.n["control_frames"] += 1
+                self.c.n["protocol_pings"] += 1      # not a text frame (see Counters)
                 if conn.ping_outstanding is None:
                     conn.ping_outstanding = mono
 

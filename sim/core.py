@@ -23,6 +23,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import random
 import struct
@@ -130,6 +131,9 @@ class Counters:
                   "connections_rejected": 0, "closed_idle": 0, "closed_by_fault": 0,
                   "closed_policy": 0, "closed_slow": 0, "rest_requests": 0, "rest_429": 0,
                   "rest_418": 0, "rest_403": 0, "rest_5xx": 0}
+        # soak (bench/soak.py): protocol-level pings are in control_frames but are not text frames
+        # a client's on_message sees; text frames sent = sum(frames) + control - pings + raw
+        self.n["protocol_pings"] = 0
 
     def snapshot(self) -> dict:
         d = self.n.copy()
@@ -169,7 +173,12 @@ class ExchangeBase:
         self.paused = False
         self.rate = float(cfg["rate"])
         self.scale = float(cfg["cadence_scale"])
-        self.rest_fail_q: list = []    # [[status, n, body]]
+        self.rest_fail_q: list = []    # [[status, n, body, headers]]
+        # fault: refuse WebSocket handshakes (HTTP 503) until this monotonic time; trades keep
+        # being generated meanwhile, so a test can cut a collector off for exactly N seconds
+        self.refuse_until = 0.0
+        # every REST answer as (wall time, path, status): lets tests check pacing and back-off
+        self.rest_log = collections.deque(maxlen=20000)
         self.replay = None
         self.universe = universe
         self.insts = self.build_instruments()
@@ -272,6 +281,9 @@ class ExchangeBase:
         if kind is None:
             self.c.n["connections_rejected"] += 1
             return conn.respond(HTTPStatus.NOT_FOUND, "Not Found\n")
+        if time.monotonic() < self.refuse_until:
+            self.c.n["connections_rejected"] += 1
+            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "Service Unavailable\n")
         r = self.admit(conn)
         if r is not None:
             self.c.n["connections_rejected"] += 1
@@ -484,11 +496,20 @@ class ExchangeBase:
         self.c.n["raw_frames"] += sent
         return sent
 
-    def rest_fail(self, status, n, body):
-        self.rest_fail_q.append([int(status), int(n), body])
+    def rest_fail(self, status, n, body, headers=None):
+        self.rest_fail_q.append([int(status), int(n), body, dict(headers or {})])
+
+    def refuse_connections(self, seconds):
+        """Refuse new WebSocket handshakes for `seconds` (0 = accept again at once)."""
+        self.refuse_until = time.monotonic() + seconds if seconds > 0 else 0.0
 
     # --------------------------------------------------------------------- REST
     def handle_rest(self, method, path, query):
+        status, headers, body = self._handle_rest(method, path, query)
+        self.rest_log.append((time.time(), path, status))
+        return status, headers, body
+
+    def _handle_rest(self, method, path, query):
         self.c.n["rest_requests"] += 1
         if self.rest_fail_q:
             f = self.rest_fail_q[0]
@@ -499,7 +520,7 @@ class ExchangeBase:
             if body is None:
                 body = self.fail_body(status)
             self.count_status(status)
-            return status, {}, body
+            return status, dict(f[3]), body
         try:
             status, headers, body = self.rest(path, query)
         except Exception as e:  # pragma: no cover

@@ -22,6 +22,8 @@ Every module exposes the same names:
     subscribe_messages(streams, first_id)    [(text, request id, stream keys)]
     unsubscribe_messages(streams, first_id)  likewise
     parse(item, sink)         one queue item -> rows into sink; returns a Control or None
+    parse_batch(cols)         optional fast path: schema.FrameColumns of many frames -> BatchResult
+                              (Arrow tables; frames it does not handle are left to `parse`)
 """
 from __future__ import annotations
 
@@ -133,6 +135,18 @@ class RowSink:
     def pending(self) -> int:
         return (len(self.bbo) + len(self.trades) + len(self.mark_price) + len(self.funding)
                 + len(self.open_interest))
+
+
+class BatchResult(NamedTuple):
+    """What `parse_batch` made of a chunk of frames (the writer's fast path).
+
+    `tables`: dataset -> typed tables (schema.table_from_columns), rows in frame order within
+    each table; `leftover`: indices of the frames it did not handle (control messages, unknown
+    shapes, bad values), which the writer passes to `parse` one by one, so every frame gets the
+    same rows, errors and counts on both paths; `last_seen`: stream key -> latest ts_recv."""
+    tables: dict
+    leftover: list
+    last_seen: dict
 
 
 class FrameError(ValueError):

@@ -8,9 +8,13 @@ No open-interest stream exists on USD-M WebSocket: `open_interest` is never prod
 """
 from __future__ import annotations
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pj
 import ujson
 
-from app.exchanges import (Control, Discovery, FrameError, Instrument, Keepalive, RowSink,
+from app import schema
+from app.exchanges import (BatchResult, Control, Discovery, FrameError, Instrument, Keepalive, RowSink,
                            SequenceRule, Stream, chunked, split_by_path)
 
 NAME = "binance"
@@ -171,3 +175,142 @@ def parse(item: tuple, sink) -> Control | None:
     if "code" in msg:
         return Control("error", msg.get("id"), f"{msg['code']}: {msg.get('msg', '')}")
     raise FrameError("unrecognised message")
+
+
+# ---- batch parsing: the writer's fast path (see BatchResult in app/exchanges/__init__.py) ------
+# All frames of one stream kind share one JSON shape, so each kind of a chunk is parsed at once
+# by Arrow's JSON reader (C++, outside the GIL) with an explicit schema, and its rows are built
+# with Arrow compute. Kinds are parsed separately because their shapes clash (`a` is the ask
+# price of a bookTicker but the id of an aggTrade). Everything else - control messages, kinds
+# not listed here, a frame whose types differ, a missing required field - is left to `parse`,
+# frame by frame, so both paths give the same rows, errors and counts.
+
+_S, _I, _B = pa.string(), pa.int64(), pa.bool_()
+_MARK = ("markPriceUpdate", {"e": _S, "E": _I, "s": _S, "p": _S, "P": _S, "i": _S, "r": _S, "T": _I},
+         ("s", "p"))
+_BATCH_KINDS = {  # stream suffix -> (event type `e`, fields of `data`, fields `parse` requires)
+    "bookTicker": ("bookTicker", {"e": _S, "u": _I, "s": _S, "b": _S, "B": _S, "a": _S, "A": _S,
+                                  "T": _I, "E": _I}, ("s",)),
+    "aggTrade": ("aggTrade", {"e": _S, "E": _I, "a": _I, "s": _S, "p": _S, "q": _S, "f": _I, "l": _I,
+                              "T": _I, "m": _B}, ("s", "a", "p", "q", "m")),
+    "markPrice@1s": _MARK,
+    "markPrice": _MARK,
+}
+_JSON_OPTIONS = {kind: pj.ParseOptions(
+    explicit_schema=pa.schema([("stream", _S), ("data", pa.struct(list(fields.items())))]),
+    unexpected_field_behavior="ignore") for kind, (_e, fields, _req) in _BATCH_KINDS.items()}
+_STREAM = r'^\{"stream":"(?P<stream>[^"@]+@(?P<kind>[^"]+))","data":\{'
+
+
+def _rows(kind: str, d: dict, common: dict) -> dict[str, dict]:
+    """Columns per dataset of one kind's frames; the same mapping as `_event`."""
+    if kind == "bookTicker":
+        return {"bbo": {**common, "ts_event": d["T"], "ts_exchange": d["E"], "bid_px": d["b"],
+                        "bid_sz": d["B"], "ask_px": d["a"], "ask_sz": d["A"], "update_id": d["u"]}}
+    if kind == "aggTrade":
+        f, l = d["f"], d["l"]
+        return {"trades": {**common, "ts_event": d["T"], "ts_exchange": d["E"], "trade_id": d["a"],
+                           "price": d["p"], "size": d["q"],
+                           "side": pc.if_else(d["m"], pa.scalar("sell"), pa.scalar("buy")),
+                           "first_trade_id": f, "last_trade_id": l,
+                           "trade_count": pc.add(pc.subtract(l, f), 1)}}
+    return {"mark_price": {**common, "ts_exchange": d["E"], "mark_px": d["p"], "index_px": d["i"],
+                           "est_settle_px": d["P"]},
+            "funding": {**common, "ts_exchange": d["E"], "funding_rate": d["r"],
+                        "next_funding_time": d["T"]}}
+
+
+def parse_batch(cols) -> BatchResult:
+    """schema.FrameColumns of a chunk of frames -> BatchResult (tables, leftover, last_seen)."""
+    matched = pc.extract_regex(cols.payload, _STREAM)
+    kinds = pc.fill_null(pc.struct_field(matched, "kind"), "")
+    tables: dict[str, list] = {}
+    handled = []
+    last_seen: dict[str, int] = {}
+    for kind in pc.unique(kinds).to_pylist():
+        spec = _BATCH_KINDS.get(kind)
+        if spec is None:
+            continue
+        event, fields, required = spec
+        idx = pc.indices_nonzero(pc.equal(kinds, kind))
+        text = schema.ndjson(cols.payload.take(idx))
+        try:
+            parsed = pj.read_json(pa.BufferReader(text), parse_options=_JSON_OPTIONS[kind],
+                                  read_options=pj.ReadOptions(use_threads=False,
+                                                              block_size=max(1 << 20, text.size + 1)))
+        except pa.ArrowInvalid:        # a frame with other types: the whole kind goes to `parse`
+            continue
+        if parsed.num_rows != len(idx):
+            continue
+        data = parsed.column("data").combine_chunks()
+        d = {name: data.field(name) for name in fields}
+        ok = pc.and_(data.is_valid(), pc.equal(d["e"], event))
+        for name in required:
+            ok = pc.and_(ok, d[name].is_valid())
+        ok = pc.fill_null(ok, False)
+        good = pc.indices_nonzero(ok)
+        if len(good) != len(idx):
+            idx = idx.take(good)
+            d = {name: col.take(good) for name, col in d.items()}
+        n = len(idx)
+        if not n:
+            continue
+        handled.append(cols.recv_seq.take(idx))
+        ts = cols.ts_recv.take(idx)
+        streams = parsed.column("stream").combine_chunks().take(good)
+        for row in pa.table({"k": streams, "t": ts}).group_by("k").aggregate([("t", "max")]).to_pylist():
+            last_seen[row["k"]] = max(row["t_max"], last_seen.get(row["k"], 0))
+        common = {"symbol": d["s"], "instrument": schema.map_values(d["s"], unified), "ts_recv": ts,
+                  "conn_id": cols.conn_id.take(idx), "recv_seq": cols.recv_seq.take(idx)}
+        for dataset, columns in _rows(kind, d, common).items():
+            tables.setdefault(dataset, []).append(schema.table_from_columns(dataset, NAME, n, columns))
+    if handled:
+        done = pc.is_in(cols.recv_seq, value_set=pa.concat_arrays(handled))
+        leftover = pc.indices_nonzero(pc.invert(done)).to_pylist()
+    else:
+        leftover = list(range(len(cols)))
+    return BatchResult(tables, leftover, last_seen)
+
+
+# ---- post-reconnect alignment (sans-I/O; app/alignment.py does the REST calls, RAM only) -------
+# Weights are Binance's (2400 per minute per IP, shared with everything else on the IP).
+
+def alignment_request(symbol: str) -> tuple[str, dict, int]:
+    """(path, params, weight) of the latest aggregated trade: its `a` continues the WS aggTrade ids."""
+    return "/fapi/v1/aggTrades", {"symbol": symbol, "limit": 1}, 20
+
+
+def parse_recent_trades(body) -> list[tuple[str, int]]:
+    """[(trade id, trade time ms)], oldest first (Binance answers ascending)."""
+    if type(body) is not list:
+        raise ValueError(f"aggTrades: unexpected answer {str(body)[:200]}")
+    return [(str(t["a"]), int(t["T"])) for t in body]
+
+
+def parse_latest_trade(body) -> tuple[str, int] | None:
+    trades = parse_recent_trades(body)
+    return trades[-1] if trades else None
+
+
+def time_request() -> tuple[str, dict, int]:
+    return "/fapi/v1/time", {}, 1
+
+
+def parse_server_time(body) -> int:
+    """Server time in ns (Binance sends ms)."""
+    return int(body["serverTime"]) * 1_000_000
+
+
+def rest_throttle(status: int, headers: dict, body, now: float) -> float | None:
+    """Seconds to stop calling this exchange after this answer, or None if it is no rate limit.
+    429 = over the weight limit (the window is the calendar minute); 418 = banned (2 min - 3 days):
+    a Retry-After header wins when present (headers have lower-case names)."""
+    if status not in (429, 418):
+        return None
+    ra = headers.get("retry-after")
+    if ra is not None:
+        try:
+            return max(0.0, float(ra))
+        except ValueError:
+            pass
+    return 120.0 if status == 418 else 60.0 - now % 60.0 + 1.0

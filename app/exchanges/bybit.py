@@ -265,3 +265,63 @@ def parse(item: tuple, sink) -> Control | None:
         sink.last_seen[topic] = ts_recv
         return None
     return _control(msg)
+
+
+# ---- post-reconnect alignment (sans-I/O; app/alignment.py does the REST calls, RAM only) -------
+# Trade ids are UUIDs, so a loss cannot be computed from two ids: we fetch the latest 1000 trades
+# and count those between the last trade seen before the disconnect and the first one after.
+# Bybit limits per IP (600 requests / 5 s, 403 = banned >= 10 min) and per endpoint (retCode 10006).
+
+def alignment_request(symbol: str) -> tuple[str, dict, int]:
+    return "/v5/market/recent-trade", {"category": "linear", "symbol": symbol, "limit": 1000}, 1
+
+
+def parse_recent_trades(body) -> list[tuple[str, int]]:
+    """[(execId, trade time ms)], oldest first (Bybit answers newest first)."""
+    if type(body) is not dict or body.get("retCode", 0) != 0:
+        raise ValueError(f"recent-trade: {str(body)[:200]}")
+    rows = (body.get("result") or {}).get("list") or []
+    return [(str(t["execId"]), int(t["time"])) for t in reversed(rows)]
+
+
+def parse_latest_trade(body) -> tuple[str, int] | None:
+    trades = parse_recent_trades(body)
+    return trades[-1] if trades else None
+
+
+def time_request() -> tuple[str, dict, int]:
+    return "/v5/market/time", {}, 1
+
+
+def parse_server_time(body) -> int:
+    """Server time in ns (`timeNano`; `timeSecond` as a fallback)."""
+    if type(body) is not dict or body.get("retCode", 0) != 0:
+        raise ValueError(f"time: {str(body)[:200]}")
+    result = body["result"]
+    if result.get("timeNano"):
+        return int(result["timeNano"])
+    return int(result["timeSecond"]) * 1_000_000_000
+
+
+def rest_throttle(status: int, headers: dict, body, now: float) -> float | None:
+    """Seconds to stop calling Bybit after this answer, or None. 403 = IP limit hit (Bybit says
+    stop for at least 10 minutes); retCode 10006 (HTTP 200) = endpoint limit, until
+    X-Bapi-Limit-Reset-Timestamp (ms). Headers have lower-case names."""
+    ra = headers.get("retry-after")
+    if status == 403:
+        return 600.0
+    limited = status == 429 or (type(body) is dict and body.get("retCode") == 10006)
+    if not limited:
+        return None
+    if ra is not None:
+        try:
+            return max(0.0, float(ra))
+        except ValueError:
+            pass
+    reset = headers.get("x-bapi-limit-reset-timestamp")
+    if reset:
+        try:
+            return min(60.0, max(0.1, int(reset) / 1000.0 - now))
+        except ValueError:
+            pass
+    return 1.0

@@ -258,3 +258,49 @@ def parse(item: tuple, sink) -> Control | None:
     if event is None:
         raise FrameError("unrecognised message")
     return _control(msg, event)
+
+
+# ---- post-reconnect alignment (sans-I/O; app/alignment.py does the REST calls, RAM only) -------
+# REST trades are per fill with the same tradeId space as the WS `trades` aggregation (whose
+# tradeId is the last fill), so latest id - last WS id counts the fills missed.
+
+def alignment_request(symbol: str) -> tuple[str, dict, int]:
+    return "/api/v5/market/trades", {"instId": symbol, "limit": 1}, 1
+
+
+def parse_recent_trades(body) -> list[tuple[str, int]]:
+    """[(tradeId, fill time ms)], oldest first (OKX answers newest first)."""
+    if type(body) is not dict or str(body.get("code", "0")) != "0":
+        raise ValueError(f"market/trades: {str(body)[:200]}")
+    return [(str(t["tradeId"]), int(t["ts"])) for t in reversed(body.get("data") or [])]
+
+
+def parse_latest_trade(body) -> tuple[str, int] | None:
+    trades = parse_recent_trades(body)
+    return trades[-1] if trades else None
+
+
+def time_request() -> tuple[str, dict, int]:
+    return "/api/v5/public/time", {}, 1
+
+
+def parse_server_time(body) -> int:
+    """Server time in ns (OKX sends ms as a string)."""
+    if type(body) is not dict or str(body.get("code", "0")) != "0":
+        raise ValueError(f"time: {str(body)[:200]}")
+    return int(body["data"][0]["ts"]) * 1_000_000
+
+
+def rest_throttle(status: int, headers: dict, body, now: float) -> float | None:
+    """Seconds to stop calling OKX after this answer, or None. Limits are per endpoint per 2 s;
+    50011 (rate limit) and 50013 (busy) come as HTTP 429 or as HTTP 200. Headers lower-case."""
+    code = str(body.get("code")) if type(body) is dict else None
+    if status != 429 and code not in ("50011", "50013"):
+        return None
+    ra = headers.get("retry-after")
+    if ra is not None:
+        try:
+            return max(0.0, float(ra))
+        except ValueError:
+            pass
+    return 2.0
