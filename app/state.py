@@ -443,7 +443,8 @@ class Monitor:
                              "frames_unparsed": t.get("unparsed", 0), "rows_written": t.get("rows", 0),
                              "gaps": t.get("gaps", 0), "reconnects": t.get("reconnects", 0),
                              "silent_streams": sorted(st.silent_streams.get(ex, {})),
-                             "unsupported": dict(st.unsupported.get(ex, {}))}
+                             "unsupported": dict(st.unsupported.get(ex, {})),
+                             **st.gap_status(ex, now)}
         return {"state": st.state, "reasons": list(st.reasons), "details": st.details,
                 "since": _iso(st.state_since), "uptime_s": round(now - st.started_at, 1),
                 "started_at": _iso(st.started_at), "version": st.version,

@@ -46,6 +46,11 @@ HELP = {
     "files_uploaded": "Parquet files uploaded to object storage",
     "bytes_uploaded": "Parquet bytes uploaded to object storage",
     "upload_failures": "failed upload attempts",
+    "frames_dropped_spool_full": "frames dropped because the local spool reached spool_max_bytes",
+    "alignments": "post-reconnect alignments measured over REST (RAM only)",
+    "alignments_skipped": "alignments skipped to stay within the REST budget",
+    "alignments_failed": "alignments whose REST calls failed",
+    "rest_throttled": "REST answers that asked us to back off (429/418/403, Retry-After)",
 }
 
 
