@@ -32,10 +32,12 @@ def samples_dir() -> Path:
 
 
 def require_samples() -> Path:
-    """The samples directory, or skip the calling module when it is absent."""
+    """The samples directory. Missing samples are an error, never a silent skip: the parsers'
+    tests are only worth something on the real frames."""
     d = samples_dir()
     if not d.is_dir():
-        pytest.skip(f"sample frames not found at {d} (set QL_SHARED_DIR)", allow_module_level=True)
+        raise RuntimeError(f"sample frames not found at {d}: put shared/ beside the repository "
+                           "or set QL_SHARED_DIR")
     return d
 
 

@@ -343,4 +343,4 @@ def test_silenced_stream_is_one_time_gap_and_a_quiet_symbol_none(tmp_path, sim):
     gaps = c.events("gap_detected")
     assert [(g["exchange"], g["stream"], g["kind"]) for g in gaps] == [
         ("binance", "btcusdt@markPrice@1s", "time")]
-    assert 5.0 <= gaps[0]["duration_s"] <= 8.0
+    assert 5.0 <= gaps[0]["duration_s"] <= 10.0      # 6 s silence + cadence + scheduling slack
