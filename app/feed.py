@@ -165,7 +165,8 @@ class Connection:
         self.exchange = plan.exchange
         self.plan = plan
         self.name = name
-        self.url = self.adapter.ws_url(manager.settings.ws_url(plan.exchange), plan.path)
+        self.base_url = manager.settings.ws_url(plan.exchange)
+        self.url = ""
         # per-frame counters: written by this connection's socket thread only
         self.received = 0
         self.dropped = 0
@@ -242,6 +243,8 @@ class Connection:
     def _run_once(self) -> None:
         conn_id = next(self.manager.conn_ids)
         exchange = self.exchange
+        streams = list(self.plan.streams)     # the plan may change (delistings) between connects
+        url = self.url = self.adapter.ws_url(self.base_url, self.plan.path, streams)
         q = self.manager.queue
         next_seq = self.manager.recv_seq.__next__
         time_ns = time.time_ns
@@ -274,10 +277,17 @@ class Connection:
             self.subscribed = {}
             self.manager.by_conn_id[conn_id] = self
             log.info("ws_connect", extra={"exchange": exchange, "conn": self.name, "conn_id": conn_id,
-                                          "url": self.url, "streams": len(self.plan.streams)})
+                                          "url": url.split("?")[0], "streams": len(streams)})
             self.manager.notify("open", self, conn_id)
-            threading.Thread(target=self._subscribe, args=(ws, list(self.plan.streams)),
-                             name=f"sub-{self.name}", daemon=True).start()
+            if self.adapter.SUBSCRIBE_IN_URL:     # the URL named the streams: no ACK will come
+                now = time.time()
+                self.subscribed = {st.key: now for st in streams}
+                log.info("subscribed", extra={"exchange": exchange, "conn": self.name, "conn_id": conn_id,
+                                              "streams": len(streams), "total": len(streams),
+                                              "planned": len(streams), "via": "url"})
+            else:
+                threading.Thread(target=self._subscribe, args=(ws, streams),
+                                 name=f"sub-{self.name}", daemon=True).start()
 
         def on_liveness(_ws, _data):
             self.last_frame_ns = time.time_ns()
@@ -311,7 +321,7 @@ class Connection:
             on_close(None, None, self._close_reason)
         if not self.connects and self._close_reason:
             log.warning("ws_connect_failed", extra={"exchange": exchange, "conn": self.name,
-                                                   "url": self.url, "reason": self._close_reason})
+                                                   "url": url.split("?")[0], "reason": self._close_reason})
 
     def _subscribe(self, ws, streams: list[Stream]) -> None:
         messages = self.adapter.subscribe_messages(streams, self.manager.next_request_id(len(streams)))

@@ -262,6 +262,12 @@ class Monitor:
         util = q["utilisation"]
         peak = 1.0 if dropped_now else util        # a drop means the queue was full at some point
         with self._lock:
+            prev = self._window[-1][0] if self._window else now
+            if now < prev:                   # the wall clock stepped back (NTP, VM): shift our own
+                step = prev - now            # times by the step, or heartbeats and the window wait
+                self._window = deque((t - step, v) for t, v in self._window)   # as long as it
+                self._hb_t -= step
+                self._hb_due -= step
             self._add_to_bucket(now, delta, peak)
             self._hb_peak = max(self._hb_peak, peak)
             self._window.append((now, totals))

@@ -1,10 +1,17 @@
 """The writer thread: queue -> adapters (in batches) -> Arrow -> spool -> Parquet.
 
-Durability: every `flush_interval` the rows of the interval are appended, as Arrow record
-batches, to one spool file (Arrow IPC stream) per (dataset, exchange, date) and fsynced, so a
-`kill -9` loses at most one flush interval. Every `rotate_interval` (aligned to the wall clock)
-the spools are closed and handed to the finalizer thread, which writes each as one zstd Parquet
-file under a temporary name and renames it: a visible Parquet file is always complete. Parquet
+Speed: frames are taken from the queue all at once and parsed in chunks (every
+PARSE_INTERVAL_S): the payloads become one Arrow string column, the adapter's `parse_batch`
+turns them into typed tables with Arrow's JSON reader and compute functions (C++, outside the
+GIL, so the socket threads keep reading meanwhile), and only what it cannot handle goes through
+the per-frame `parse`. Each chunk's tables are appended to the spools at once, so memory holds
+one chunk, not a flush interval.
+
+Durability: rows are appended, as Arrow record batches, to one spool file (Arrow IPC stream) per
+(dataset, exchange, date), fsynced every `flush_interval`, so a `kill -9` loses at most one flush
+interval. Every `rotate_interval` (aligned to the wall clock) the spools are closed and handed to
+the finalizer thread, which streams each into one zstd Parquet file (a row group at a time)
+under a temporary name and renames it: a visible Parquet file is always complete. Parquet
 encoding runs off the writer thread (and mostly outside the GIL), so rotation never stalls
 parsing. At start, spool left by a killed run is turned into Parquet first (`recover`).
 """
@@ -26,7 +33,18 @@ from app import logs, schema
 from app.exchanges import RowSink
 
 log = logs.get()
+
+# Arrow's default allocator (jemalloc) keeps freed pages around for reuse: ~45 MB more resident
+# memory at 40k frames/s for no measurable speed gain here (bench/writer.py, bench/run.py). The
+# system allocator gives them back. Process-wide; ARROW_DEFAULT_MEMORY_POOL, if set, still wins.
+if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+    pa.set_memory_pool(pa.system_memory_pool())
+
 SPOOL_SUFFIX = ".arrows"
+PARSE_INTERVAL_S = 0.5      # pending frames (and so control messages) wait at most this long
+BATCH_MIN_FRAMES = 64       # below this, per-frame parsing is cheaper than the Arrow set-up
+MAX_CHUNK_FRAMES = 50_000   # frames parsed at once: bounds the Arrow memory of a writer catching up
+ROW_GROUP_BYTES = 16 * 1024 * 1024   # Arrow bytes per Parquet row group: bounds the finalizer's memory
 _SEP = "~"
 
 
@@ -86,26 +104,6 @@ def parquet_name(instance_id: str, run_id: str, seq: str | int) -> str:
     return f"i-{instance_id}-{run_id}-{int(seq):06d}.parquet"
 
 
-def read_spool(path: str) -> pa.Table:
-    """Every complete record batch of a spool file; a torn last batch (kill -9) is ignored."""
-    batches = []
-    meta_schema = None
-    with open(path, "rb") as f:
-        try:
-            reader = pa.ipc.open_stream(f)
-        except (pa.ArrowInvalid, OSError):
-            return None
-        meta_schema = reader.schema
-        while True:
-            try:
-                batches.append(reader.read_next_batch())
-            except StopIteration:
-                break
-            except (pa.ArrowInvalid, OSError):
-                break
-    return pa.Table.from_batches(batches, schema=meta_schema)
-
-
 def write_parquet_atomic(table: pa.Table, final_path: str, dataset: str | None) -> int:
     """Write under a temporary name, fsync, rename: the final name only ever holds a whole file."""
     os.makedirs(os.path.dirname(final_path), exist_ok=True)
@@ -121,6 +119,55 @@ def write_parquet_atomic(table: pa.Table, final_path: str, dataset: str | None) 
     finally:
         os.close(dir_fd)
     return os.path.getsize(final_path)
+
+
+def spool_to_parquet(spool_path: str, final_path: str, dataset: str) -> tuple[int, int] | None:
+    """Stream a spool file into Parquet, one row group of about ROW_GROUP_BYTES at a time, so
+    the finalizer's memory is bounded by that, not by the rotate interval times the rate. Same
+    atomic rule as write_parquet_atomic. -> (rows, bytes); (0, 0) and no file if it holds no row;
+    None if unreadable. A torn last batch (kill -9 while appending) is ignored."""
+    os.makedirs(os.path.dirname(final_path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(final_path), "." + os.path.basename(final_path) + ".tmp")
+    rows = 0
+    writer = None
+    with open(spool_path, "rb") as f:
+        try:
+            reader = pa.ipc.open_stream(f)
+        except (pa.ArrowInvalid, OSError):
+            return None
+        group: list = []
+        group_bytes = 0
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                batch = None
+            except (pa.ArrowInvalid, OSError):
+                batch = None                       # torn tail
+            if batch is not None and batch.num_rows:
+                group.append(batch)
+                group_bytes += batch.nbytes
+                rows += batch.num_rows
+            if group and (batch is None or group_bytes >= ROW_GROUP_BYTES):
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, reader.schema, **schema.parquet_options(dataset))
+                table = pa.Table.from_batches(group, schema=reader.schema)
+                writer.write_table(table, row_group_size=table.num_rows)
+                group, group_bytes = [], 0
+            if batch is None:
+                break
+    if writer is None:
+        return 0, 0
+    writer.close()
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final_path)
+    dir_fd = os.open(os.path.dirname(final_path), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return rows, os.path.getsize(final_path)
 
 
 class Finalizer(threading.Thread):
@@ -146,23 +193,24 @@ class Finalizer(threading.Thread):
 
     def finalize(self, path: str) -> str | None:
         info = parse_spool_name(path)
-        table = read_spool(path)
-        if info is None or table is None:
+        done = None
+        if info is not None:
+            rel = os.path.join(schema.partition_path(info["dataset"], info["exchange"], info["date"]),
+                               parquet_name(info["instance_id"], info["run_id"], info["seq"]))
+            final = os.path.join(self.data_dir, rel)
+            done = spool_to_parquet(path, final, info["dataset"])
+        if done is None:
             log.error("spool_unreadable", extra={"spool": path})
             os.replace(path, path + ".bad")
             return None
-        if table.num_rows == 0:
-            os.remove(path)
-            return None
-        rel = os.path.join(schema.partition_path(info["dataset"], info["exchange"], info["date"]),
-                           parquet_name(info["instance_id"], info["run_id"], info["seq"]))
-        final = os.path.join(self.data_dir, rel)
-        size = write_parquet_atomic(table, final, info["dataset"])
+        rows, size = done
         os.remove(path)
+        if not rows:
+            return None
         self.state.count("files_written", info["exchange"], 1, info["dataset"])
         self.state.count("bytes_written", info["exchange"], size, info["dataset"])
         log.info("file_written", extra={"path": final, "dataset": info["dataset"],
-                                        "exchange": info["exchange"], "rows": table.num_rows,
+                                        "exchange": info["exchange"], "rows": rows,
                                         "bytes": size})
         self.storage.publish(final, rel)
         return final
@@ -189,12 +237,16 @@ class Writer(threading.Thread):
         self.spool_dir = os.path.join(self.data_dir, "spool")
         os.makedirs(self.spool_dir, exist_ok=True)
         self.parsers = {name: a.parse for name, a in adapters.items()}
+        self.batch_parsers = {name: a.parse_batch for name, a in adapters.items()
+                              if hasattr(a, "parse_batch")}
         self.datasets = set(settings.datasets)   # a channel may feed more than was asked for
         self.sinks = {name: RowSink() for name in adapters}
         self.last_seen = {name: sink.last_seen for name, sink in self.sinks.items()}
-        self.frames: dict[str, list] = {name: [] for name in adapters}
+        # frames taken from the queue, not parsed yet (parsed per chunk: parse_pending)
+        self.pending: dict[str, list] = {name: [] for name in adapters}
+        self._unparsed = 0
         self.spools: dict[tuple[str, str, str], Spool] = {}
-        self.observers: list = []      # callables(exchange, dataset, table) after each flush
+        self.observers: list = []      # callables(exchange, dataset, table) per table spooled
         self.storage = storage
         self.finalizer = Finalizer(self.data_dir, storage, state)
         self._seq = 0
@@ -214,19 +266,28 @@ class Writer(threading.Thread):
         s = self.settings
         next_flush = self.clock() + s.flush_interval
         next_rotate = self._next_rotate(self.clock())
+        next_parse = 0.0
+        last_now = self.clock()
         q = self.queue
         while True:
             self.hold.wait()
             batch = self._take(q)
             if batch:
                 self.process(batch)
-                if s.writer_throttle_s:
-                    time.sleep(s.writer_throttle_s)
+                if s.writer_throttle_s or s.writer_throttle_file:
+                    self._throttle()
             elif self._stopping.is_set():
                 break
             else:
                 time.sleep(0.005)
             now = self.clock()
+            if now < last_now:                 # the wall clock stepped back (NTP, VM): re-arm the
+                next_parse = next_flush = now  # deadlines, or data would wait in memory (and files
+                next_rotate = self._next_rotate(now)   # stay open) for as long as the step
+            last_now = now
+            if now >= next_parse:              # control messages wait at most PARSE_INTERVAL_S
+                self.parse_pending()
+                next_parse = now + PARSE_INTERVAL_S
             if now >= next_flush or self._pending_frames >= s.writer_batch * 5:
                 self.flush()
                 next_flush = now + s.flush_interval
@@ -236,6 +297,26 @@ class Writer(threading.Thread):
         self.flush()
         self.rotate()
         self.finalizer.stop()
+
+    def _throttle(self) -> None:
+        """Testing only: sleep after a batch, writer_throttle_s or the seconds written in
+        writer_throttle_file (re-read every 0.2 s while sleeping: lowering it or removing the
+        file ends the sleep), so a soak can make the queue fill and then recover at run time."""
+        s = self.settings
+        if not s.writer_throttle_file:
+            time.sleep(s.writer_throttle_s)
+            return
+
+        def seconds() -> float:
+            try:
+                with open(s.writer_throttle_file) as f:
+                    return max(0.0, float(f.read().strip() or 0))
+            except (OSError, ValueError):
+                return s.writer_throttle_s
+        end = time.monotonic() + seconds()
+        while not self._stopping.is_set() and time.monotonic() < end:
+            time.sleep(min(0.2, max(0.0, end - time.monotonic())))
+            end = min(end, time.monotonic() + seconds())
 
     def _take(self, q: queue.Queue) -> deque | None:
         """Swap out the queue's whole buffer in O(1) instead of get() per frame."""
@@ -259,16 +340,79 @@ class Writer(threading.Thread):
 
     # ---- per batch -----------------------------------------------------------------------------
     def process(self, batch) -> None:
-        parsers, sinks, frames = self.parsers, self.sinks, self.frames
-        on_control = self.on_control
+        """Queue items -> per-exchange pending lists, parsed in chunks (`parse_pending`: every
+        PARSE_INTERVAL_S, at flush, or here once 5 x writer_batch frames wait). Big chunks keep
+        the number of Arrow calls per frame low: each call releases the GIL and must win it
+        back from the socket threads."""
+        if not batch:
+            return
         if self._pending_since_ns is None:
             self._pending_since_ns = batch[0][3]
             self.state.writer_oldest_pending_ns = self._pending_since_ns
-        for item in batch:
-            ex = item[0]
-            frames[ex].append(item)
+        pending = self.pending
+        if len(pending) == 1:              # one exchange per process: no need to look
+            next(iter(pending.values())).extend(batch)
+        else:
+            for item in batch:
+                pending[item[0]].append(item)
+        n = len(batch)
+        self._pending_frames += n
+        self._unparsed += n
+        self.frames_processed += n
+        if self._unparsed >= self.settings.writer_batch * 5:
+            self.parse_pending()
+
+    def parse_pending(self) -> None:
+        """Parse what is pending and append it to the spools (fsynced at the next flush), in
+        chunks of at most MAX_CHUNK_FRAMES: only one chunk of Arrow data is ever in memory."""
+        accepting = self.storage.accepting()
+        for ex, items in self.pending.items():
+            if not items:
+                continue
+            self.pending[ex] = []
+            if not accepting:
+                self._drop_spool_full(ex, len(items))
+                continue
+            for start in range(0, len(items), MAX_CHUNK_FRAMES):
+                self._parse_chunk(ex, items[start:start + MAX_CHUNK_FRAMES])
+        self._unparsed = 0
+
+    def _parse_chunk(self, ex: str, items: list) -> None:
+        """One exchange's frames -> the frames table and the datasets' tables -> the spools.
+
+        The adapter's `parse_batch` (Arrow, mostly outside the GIL) takes what it can; the
+        frames it leaves (control messages, odd shapes, bad values) go through `parse` one by
+        one, exactly as without a batch parser."""
+        cols = schema.frame_columns(items)
+        if cols.bad_utf8:
+            self.state.count("frames_non_utf8", ex, cols.bad_utf8)
+        parts: dict[str, list] = {"frames": [schema.frames_table_from(ex, cols)]}
+        leftover = self._parse_batch(ex, cols, parts) if len(items) >= BATCH_MIN_FRAMES else None
+        self._parse_each(ex, items if leftover is None else [items[i] for i in leftover], parts)
+        self._spool_parts(ex, cols, parts)
+
+    def _parse_batch(self, ex: str, cols, parts: dict) -> list[int] | None:
+        """The adapter's batch parser, if it has one: tables into parts; -> the frames it left."""
+        batch_parse = self.batch_parsers.get(ex)
+        if batch_parse is None:
+            return None
+        try:
+            result = batch_parse(cols)
+        except Exception as e:  # noqa: BLE001 - the per-frame path still parses everything
+            self._error_log(logging.ERROR, "batch_parse_failed", key=ex, exchange=ex, error=repr(e)[:300])
+            return None
+        for dataset, tables in result.tables.items():
+            parts.setdefault(dataset, []).extend(tables)
+        self.sinks[ex].last_seen.update(result.last_seen)
+        return result.leftover
+
+    def _parse_each(self, ex: str, items: list, parts: dict) -> None:
+        """Frame by frame: rows (tuples) -> one table per dataset into parts; controls routed."""
+        sink = self.sinks[ex]
+        parse, on_control = self.parsers[ex], self.on_control
+        for item in items:
             try:
-                ctrl = parsers[ex](item, sinks[ex])
+                ctrl = parse(item, sink)
             except Exception as e:  # noqa: BLE001 - a bad frame is counted, never fatal
                 self.state.count("frames_unparsed", ex)
                 self._unparsed_log(logging.WARNING, "frame_unparsed", key=ex, exchange=ex,
@@ -281,44 +425,44 @@ class Writer(threading.Thread):
                     on_control(ex, item[1], ctrl)
                 except Exception as e:  # noqa: BLE001
                     log.error("control_error", extra={"exchange": ex, "error": repr(e)})
-        n = len(batch)
-        self._pending_frames += n
-        self.frames_processed += n
+        for dataset, rows in sink.take().items():
+            if rows:
+                table, rejected = schema.build_table(dataset, ex, rows)
+                if rejected:
+                    self.state.count("rows_rejected", ex, rejected, dataset)
+                    self._unparsed_log(logging.WARNING, "rows_rejected", key=(ex, dataset),
+                                       exchange=ex, dataset=dataset, rows=rejected)
+                parts.setdefault(dataset, []).append(table)
+
+    def _spool_parts(self, ex: str, cols, parts: dict) -> None:
+        """Each dataset's table of the chunk -> its spool. A dataset built from more than one
+        part (batch kinds + per-frame leftovers) is put back in arrival order: recv_seq, with a
+        stable sort, so the rows of one frame keep their order."""
+        first_day, last_day = (v.as_py() // schema.NS_PER_DAY for v in pc.min_max(cols.ts_recv).values())
+        date = _date_of_day(first_day) if first_day == last_day else None   # else split per table
+        for dataset, tables in parts.items():
+            if dataset != "frames" and dataset not in self.datasets:
+                continue
+            table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+            if len(tables) > 1 and dataset != "frames":
+                table = table.take(pc.sort_indices(table.column("recv_seq")))
+            if table.num_rows:
+                self._write(ex, dataset, table, date)
+
+    def _write(self, ex: str, dataset: str, table: pa.Table, date: str | None = None) -> None:
+        self._append(dataset, ex, table, date)
+        self.state.count("rows_written" if dataset != "frames" else "frames_written",
+                         ex, table.num_rows, dataset if dataset != "frames" else "")
+        for observe in self.observers:
+            try:
+                observe(ex, dataset, table)
+            except Exception as e:  # noqa: BLE001
+                log.error("observer_error", extra={"error": repr(e)})
 
     def flush(self) -> None:
-        """Append everything received since the last flush to the spools and fsync them."""
-        if not self.storage.accepting():
-            self._drop_spool_full()
-            return
-        wrote = False
-        for ex in self.adapters:
-            items = self.frames[ex]
-            if not items:
-                continue
-            self.frames[ex] = []
-            frames, bad_utf8 = schema.frames_table(ex, items)
-            if bad_utf8:
-                self.state.count("frames_non_utf8", ex, bad_utf8)
-            tables = [("frames", frames)]
-            for dataset, rows in self.sinks[ex].take().items():
-                if rows and dataset in self.datasets:
-                    table, rejected = schema.build_table(dataset, ex, rows)
-                    if rejected:
-                        self.state.count("rows_rejected", ex, rejected, dataset)
-                        self._unparsed_log(logging.WARNING, "rows_rejected", key=(ex, dataset),
-                                           exchange=ex, dataset=dataset, rows=rejected)
-                    tables.append((dataset, table))
-            for dataset, table in tables:
-                self._append(dataset, ex, table)
-                self.state.count("rows_written" if dataset != "frames" else "frames_written",
-                                 ex, table.num_rows, dataset if dataset != "frames" else "")
-                for observe in self.observers:
-                    try:
-                        observe(ex, dataset, table)
-                    except Exception as e:  # noqa: BLE001
-                        log.error("observer_error", extra={"error": repr(e)})
-            wrote = True
-        if wrote:
+        """Parse and spool everything received since the last flush, and fsync the spools."""
+        self.parse_pending()
+        if self._pending_frames:
             for spool in self.spools.values():
                 spool.sync()
             self.flushes += 1
@@ -326,22 +470,16 @@ class Writer(threading.Thread):
         self._pending_frames = 0
         self.state.writer_oldest_pending_ns = None
 
-    def _drop_spool_full(self) -> None:
+    def _drop_spool_full(self, ex: str, n: int) -> None:
         """The spool is at its disk budget (storage.accepting() is False, e.g. a long S3
-        outage): this flush's frames are dropped and counted per exchange; files already
-        spooled are never touched."""
-        for ex in self.adapters:
-            items, self.frames[ex] = self.frames[ex], []
-            self.sinks[ex].take()
-            if items:
-                self.state.count("frames_dropped_spool_full", ex, len(items))
-                self._error_log(logging.ERROR, "spool_full_drop", key=ex, exchange=ex, frames=len(items))
-        self._pending_since_ns = None
-        self._pending_frames = 0
-        self.state.writer_oldest_pending_ns = None
+        outage): these frames are dropped and counted per exchange; files already spooled are
+        never touched."""
+        self.state.count("frames_dropped_spool_full", ex, n)
+        self._error_log(logging.ERROR, "spool_full_drop", key=ex, exchange=ex, frames=n)
 
-    def _append(self, dataset: str, exchange: str, table: pa.Table) -> None:
-        for date, part in split_by_date(table):
+    def _append(self, dataset: str, exchange: str, table: pa.Table, date: str | None = None) -> None:
+        """`date`: the UTC date of every row when the caller knows it (a chunk within one day)."""
+        for date, part in ([(date, table)] if date else split_by_date(table)):
             key = (dataset, exchange, date)
             spool = self.spools.get(key)
             if spool is None:

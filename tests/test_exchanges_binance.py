@@ -56,7 +56,11 @@ def test_module_exposes_the_adapter_interface():
                  "plan_connections", "subscribe_messages", "unsubscribe_messages", "parse"):
         assert hasattr(binance, attr), attr
     assert binance.GAP_RULES == {"trades": SequenceRule("trade_id")}
-    assert binance.ws_url("wss://fstream.binance.com", "/market") == "wss://fstream.binance.com/market/stream"
+    btc = [i for i in binance.parse_discovery(json_lines("binance_exchangeInfo.jsonl")[0]).instruments
+           if i.symbol == "BTCUSDT"][0]
+    streams = binance.streams_for(btc, ["trades", "mark_price"])
+    assert binance.ws_url("wss://fstream.binance.com", "/market", streams) == \
+        "wss://fstream.binance.com/market/stream?streams=btcusdt@aggTrade/btcusdt@markPrice@1s"
     assert binance.MAX_CONNECTION_AGE_S < 24 * 3600
 
 

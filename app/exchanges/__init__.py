@@ -13,7 +13,8 @@ Every module exposes the same names:
     CONNECT_INTERVAL_S        minimum spacing of new connections (per exchange, per IP)
     SUBSCRIBE_INTERVAL_S      pause between subscribe messages on one connection
     GAP_RULES                 {dataset: SequenceRule} for streams whose ids allow exact loss counts
-    ws_url(base, path)        full WebSocket URL of a connection
+    SUBSCRIBE_IN_URL          the connection URL itself names the streams (no subscribe ACK)
+    ws_url(base, path, streams)  full WebSocket URL of a connection
     discovery_request(cursor) (path, params) of the instrument listing (cursor None = first page)
     parse_discovery(body)     Discovery(instruments, skipped, next_cursor)
     unified(symbol)           "<BASE>-<QUOTE>-PERP" for a native symbol
@@ -140,7 +141,7 @@ class RowSink:
 class BatchResult(NamedTuple):
     """What `parse_batch` made of a chunk of frames (the writer's fast path).
 
-    `tables`: dataset -> typed tables (schema.table_from_columns), rows in frame order within
+    `tables`: dataset -> typed tables (the dataset schemas), rows in frame order within
     each table; `leftover`: indices of the frames it did not handle (control messages, unknown
     shapes, bad values), which the writer passes to `parse` one by one, so every frame gets the
     same rows, errors and counts on both paths; `last_seen`: stream key -> latest ts_recv."""

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.json as pj
 import ujson
 
-from app import schema
+from app.exchanges import batch as B
 from app.exchanges import (BatchResult, Control, Discovery, FrameError, Instrument, Keepalive, RowSink,
                            SequenceRule, Stream, chunked, split_by_path)
 
@@ -21,6 +20,7 @@ NAME = "binance"
 KEEPALIVE = Keepalive("protocol", "", 30.0)   # server pings every 3 min; our pings prove liveness
 MAX_CONNECTION_AGE_S = 23.5 * 3600            # the server closes at 24 h: rotate before
 CONNECT_INTERVAL_S = 0.2                      # connection rate per IP unconfirmed: stay modest
+SUBSCRIBE_IN_URL = True                       # initial streams go in the URL; SUBSCRIBE for changes
 SUBSCRIBE_INTERVAL_S = 0.25                   # <= 10 inbound messages/s, pings included
 MAX_STREAMS_PER_CONNECTION = 200              # documented 1024 (2026) / 200 (older): be safe
 PARAMS_PER_REQUEST = 100
@@ -36,8 +36,10 @@ _CHANNELS = {  # dataset -> (stream suffix, path, cadence)
 }
 
 
-def ws_url(base: str, path: str) -> str:
-    return f"{base.rstrip('/')}{path}/stream"
+def ws_url(base: str, path: str, streams=()) -> str:
+    """`<path>/stream?streams=a/b/c`: the documented combined form (frames name their stream).
+    A bare `/stream` followed by SUBSCRIBE is not documented for the routed paths."""
+    return f"{base.rstrip('/')}{path}/stream?streams=" + "/".join(s.key for s in streams)
 
 
 def discovery_request(cursor: str | None) -> tuple[str, dict]:
@@ -177,99 +179,51 @@ def parse(item: tuple, sink) -> Control | None:
     raise FrameError("unrecognised message")
 
 
-# ---- batch parsing: the writer's fast path (see BatchResult in app/exchanges/__init__.py) ------
-# All frames of one stream kind share one JSON shape, so each kind of a chunk is parsed at once
-# by Arrow's JSON reader (C++, outside the GIL) with an explicit schema, and its rows are built
-# with Arrow compute. Kinds are parsed separately because their shapes clash (`a` is the ask
-# price of a bookTicker but the id of an aggTrade). Everything else - control messages, kinds
-# not listed here, a frame whose types differ, a missing required field - is left to `parse`,
-# frame by frame, so both paths give the same rows, errors and counts.
+# ---- batch parsing: the writer's fast path (declared per stream kind: app/exchanges/batch.py) ---
+# Kinds are parsed separately because their shapes clash (`a` is the ask price of a bookTicker
+# but the id of an aggTrade). Other kinds, control messages and odd frames go to `parse`.
 
-_S, _I, _B = pa.string(), pa.int64(), pa.bool_()
-_MARK = ("markPriceUpdate", {"e": _S, "E": _I, "s": _S, "p": _S, "P": _S, "i": _S, "r": _S, "T": _I},
-         ("s", "p"))
-_BATCH_KINDS = {  # stream suffix -> (event type `e`, fields of `data`, fields `parse` requires)
-    "bookTicker": ("bookTicker", {"e": _S, "u": _I, "s": _S, "b": _S, "B": _S, "a": _S, "A": _S,
-                                  "T": _I, "E": _I}, ("s",)),
-    "aggTrade": ("aggTrade", {"e": _S, "E": _I, "a": _I, "s": _S, "p": _S, "q": _S, "f": _I, "l": _I,
-                              "T": _I, "m": _B}, ("s", "a", "p", "q", "m")),
+def _kind(event: str, fields: dict, required: tuple, rows: dict) -> B.Kind:
+    return B.Kind(json={"stream": B.STRING, "data": pa.struct(list(fields.items()))},
+                  valid=_all_valid(required) & (B.F("data.e") == event),
+                  symbol=B.F("data.s"), stream=B.F("stream"), rows=rows)
+
+
+def _all_valid(names: tuple):
+    expr = B.F("data." + names[0]).is_valid()
+    for name in names[1:]:
+        expr = expr & B.F("data." + name).is_valid()
+    return expr
+
+
+_S, _I = B.STRING, B.INT
+_MARK = _kind("markPriceUpdate", {"e": _S, "E": _I, "s": _S, "p": _S, "P": _S, "i": _S, "r": _S, "T": _I},
+              ("s", "p"), {
+                  "mark_price": B.Rows({"ts_exchange": "data.E", "mark_px": "data.p", "index_px": "data.i",
+                                        "est_settle_px": "data.P"}),
+                  "funding": B.Rows({"ts_exchange": "data.E", "funding_rate": "data.r",
+                                     "next_funding_time": "data.T"})})
+_BATCH = {  # stream suffix -> Kind (the same mapping as `_event`)
+    "bookTicker": _kind("bookTicker", {"e": _S, "u": _I, "s": _S, "b": _S, "B": _S, "a": _S, "A": _S,
+                                       "T": _I, "E": _I}, ("s",), {
+        "bbo": B.Rows({"ts_event": "data.T", "ts_exchange": "data.E", "bid_px": "data.b",
+                       "bid_sz": "data.B", "ask_px": "data.a", "ask_sz": "data.A", "update_id": "data.u"})}),
+    "aggTrade": _kind("aggTrade", {"e": _S, "E": _I, "a": _I, "s": _S, "p": _S, "q": _S, "f": _I, "l": _I,
+                                   "T": _I, "m": B.BOOL}, ("s", "a", "p", "q", "m"), {
+        "trades": B.Rows({"ts_event": "data.T", "ts_exchange": "data.E", "trade_id": "data.a",
+                          "price": "data.p", "size": "data.q",
+                          "side": (pc.if_else(B.F("data.m"), pa.scalar("sell"), pa.scalar("buy")), _S),
+                          "first_trade_id": "data.f", "last_trade_id": "data.l",
+                          "trade_count": (B.F("data.l") - B.F("data.f") + pa.scalar(1), _I)})}),
     "markPrice@1s": _MARK,
     "markPrice": _MARK,
 }
-_JSON_OPTIONS = {kind: pj.ParseOptions(
-    explicit_schema=pa.schema([("stream", _S), ("data", pa.struct(list(fields.items())))]),
-    unexpected_field_behavior="ignore") for kind, (_e, fields, _req) in _BATCH_KINDS.items()}
-_STREAM = r'^\{"stream":"(?P<stream>[^"@]+@(?P<kind>[^"]+))","data":\{'
-
-
-def _rows(kind: str, d: dict, common: dict) -> dict[str, dict]:
-    """Columns per dataset of one kind's frames; the same mapping as `_event`."""
-    if kind == "bookTicker":
-        return {"bbo": {**common, "ts_event": d["T"], "ts_exchange": d["E"], "bid_px": d["b"],
-                        "bid_sz": d["B"], "ask_px": d["a"], "ask_sz": d["A"], "update_id": d["u"]}}
-    if kind == "aggTrade":
-        f, l = d["f"], d["l"]
-        return {"trades": {**common, "ts_event": d["T"], "ts_exchange": d["E"], "trade_id": d["a"],
-                           "price": d["p"], "size": d["q"],
-                           "side": pc.if_else(d["m"], pa.scalar("sell"), pa.scalar("buy")),
-                           "first_trade_id": f, "last_trade_id": l,
-                           "trade_count": pc.add(pc.subtract(l, f), 1)}}
-    return {"mark_price": {**common, "ts_exchange": d["E"], "mark_px": d["p"], "index_px": d["i"],
-                           "est_settle_px": d["P"]},
-            "funding": {**common, "ts_exchange": d["E"], "funding_rate": d["r"],
-                        "next_funding_time": d["T"]}}
+_STREAM = r'^\{"stream":"[^"@]+@(?P<kind>[^"]+)","data":\{'
 
 
 def parse_batch(cols) -> BatchResult:
-    """schema.FrameColumns of a chunk of frames -> BatchResult (tables, leftover, last_seen)."""
-    matched = pc.extract_regex(cols.payload, _STREAM)
-    kinds = pc.fill_null(pc.struct_field(matched, "kind"), "")
-    tables: dict[str, list] = {}
-    handled = []
-    last_seen: dict[str, int] = {}
-    for kind in pc.unique(kinds).to_pylist():
-        spec = _BATCH_KINDS.get(kind)
-        if spec is None:
-            continue
-        event, fields, required = spec
-        idx = pc.indices_nonzero(pc.equal(kinds, kind))
-        text = schema.ndjson(cols.payload.take(idx))
-        try:
-            parsed = pj.read_json(pa.BufferReader(text), parse_options=_JSON_OPTIONS[kind],
-                                  read_options=pj.ReadOptions(use_threads=False,
-                                                              block_size=max(1 << 20, text.size + 1)))
-        except pa.ArrowInvalid:        # a frame with other types: the whole kind goes to `parse`
-            continue
-        if parsed.num_rows != len(idx):
-            continue
-        data = parsed.column("data").combine_chunks()
-        d = {name: data.field(name) for name in fields}
-        ok = pc.and_(data.is_valid(), pc.equal(d["e"], event))
-        for name in required:
-            ok = pc.and_(ok, d[name].is_valid())
-        ok = pc.fill_null(ok, False)
-        good = pc.indices_nonzero(ok)
-        if len(good) != len(idx):
-            idx = idx.take(good)
-            d = {name: col.take(good) for name, col in d.items()}
-        n = len(idx)
-        if not n:
-            continue
-        handled.append(cols.recv_seq.take(idx))
-        ts = cols.ts_recv.take(idx)
-        streams = parsed.column("stream").combine_chunks().take(good)
-        for row in pa.table({"k": streams, "t": ts}).group_by("k").aggregate([("t", "max")]).to_pylist():
-            last_seen[row["k"]] = max(row["t_max"], last_seen.get(row["k"], 0))
-        common = {"symbol": d["s"], "instrument": schema.map_values(d["s"], unified), "ts_recv": ts,
-                  "conn_id": cols.conn_id.take(idx), "recv_seq": cols.recv_seq.take(idx)}
-        for dataset, columns in _rows(kind, d, common).items():
-            tables.setdefault(dataset, []).append(schema.table_from_columns(dataset, NAME, n, columns))
-    if handled:
-        done = pc.is_in(cols.recv_seq, value_set=pa.concat_arrays(handled))
-        leftover = pc.indices_nonzero(pc.invert(done)).to_pylist()
-    else:
-        leftover = list(range(len(cols)))
-    return BatchResult(tables, leftover, last_seen)
+    """schema.FrameColumns of a chunk of frames -> BatchResult (see app/exchanges/batch.py)."""
+    return B.parse_batch(cols, B.kinds_by_regex(cols, _STREAM), _BATCH, NAME, unified)
 
 
 # ---- post-reconnect alignment (sans-I/O; app/alignment.py does the REST calls, RAM only) -------

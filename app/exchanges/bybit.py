@@ -48,9 +48,12 @@ in one sample but the docs promise only "update id" (a jump is a suspected gap a
 """
 from __future__ import annotations
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import ujson
 
-from app.exchanges import (Control, ConnectionPlan, Discovery, FrameError, Instrument, Keepalive,
+from app.exchanges import batch as B
+from app.exchanges import (BatchResult, Control, ConnectionPlan, Discovery, FrameError, Instrument, Keepalive,
                            Stream, chunked, split_by_path)
 
 NAME = "bybit"
@@ -58,6 +61,7 @@ PATH = "/v5/public/linear"
 KEEPALIVE = Keepalive("text", '{"op":"ping"}', 20.0)
 MAX_CONNECTION_AGE_S = None                 # no documented forced close
 CONNECT_INTERVAL_S = 0.6                    # <= 500 new connections per 5 min per domain
+SUBSCRIBE_IN_URL = False
 SUBSCRIBE_INTERVAL_S = 0.2                  # WS message rate undocumented; ACKs take ~200 ms
 MAX_TOPICS_PER_CONNECTION = 200
 ARGS_CHARS_PER_CONNECTION = 21_000          # documented limit on one connection's args
@@ -76,7 +80,7 @@ _CHANNELS = {  # dataset -> (topic prefix, cadence)
 _SIDES = {"Buy": "buy", "Sell": "sell"}
 
 
-def ws_url(base: str, path: str) -> str:
+def ws_url(base: str, path: str, streams=()) -> str:
     return f"{base.rstrip('/')}{path}"
 
 
@@ -265,6 +269,57 @@ def parse(item: tuple, sink) -> Control | None:
         sink.last_seen[topic] = ts_recv
         return None
     return _control(msg)
+
+
+# ---- batch parsing: the writer's fast path (declared per topic kind: app/exchanges/batch.py) ---
+# The same mapping as `_data`; control messages and odd frames go to `parse`, one by one.
+
+_S, _I, F = B.STRING, B.INT, B.F
+_TICKER_FIELDS = ("symbol", "markPrice", "indexPrice", "fundingRate", "nextFundingTime",
+                  "fundingIntervalHour", "openInterest", "openInterestValue")
+_BATCH = {
+    "orderbook.1": B.Kind(
+        json={"topic": _S, "ts": _I, "cts": _I, "data": pa.struct([
+            ("s", _S), ("b", B.BOOK_SIDE), ("a", B.BOOK_SIDE), ("u", _I), ("seq", _I)])},
+        valid=F("data.s").is_valid() & B.book_side_ok("data.b") & B.book_side_ok("data.a"),
+        symbol=F("data.s"), stream=F("topic"),
+        rows={"bbo": B.Rows({"ts_event": "cts", "ts_exchange": "ts",
+                             "bid_px": B.first_entry("data.b", 0), "bid_sz": B.first_entry("data.b", 1),
+                             "ask_px": B.first_entry("data.a", 0), "ask_sz": B.first_entry("data.a", 1),
+                             "update_id": "data.u", "seq": "data.seq"})}),
+    "publicTrade": B.Kind(
+        json={"topic": _S, "ts": _I, "data": pa.list_(pa.struct([
+            ("T", _I), ("s", _S), ("S", _S), ("v", _S), ("p", _S), ("i", _S), ("BT", B.BOOL)]))},
+        items="data",
+        valid=(F("item.s").is_valid() & F("item.i").is_valid() & F("item.p").is_valid()
+               & F("item.v").is_valid() & F("item.S").isin(list(_SIDES))),
+        symbol=F("item.s"), stream=F("topic"),
+        rows={"trades": B.Rows({"ts_event": "item.T", "ts_exchange": "ts", "trade_id": "item.i",
+                                "price": "item.p", "size": "item.v",
+                                "side": (pc.utf8_lower(F("item.S")), _S), "is_block": "item.BT"})}),
+    "tickers": B.Kind(
+        json={"topic": _S, "ts": _I, "data": pa.struct([(n, _S) for n in _TICKER_FIELDS])},
+        valid=F("data.symbol").is_valid(), symbol=F("data.symbol"), stream=F("topic"),
+        rows={
+            "mark_price": B.Rows({"ts_exchange": "ts", "mark_px": "data.markPrice",
+                                  "index_px": "data.indexPrice"},
+                                 where=F("data.markPrice").is_valid() & (F("data.markPrice") != "")),
+            "funding": B.Rows({"ts_exchange": "ts", "funding_rate": "data.fundingRate",
+                               "next_funding_time": "data.nextFundingTime",
+                               "funding_interval_h": "data.fundingIntervalHour"},
+                              where=(F("data.fundingRate").is_valid() | F("data.nextFundingTime").is_valid()
+                                     | F("data.fundingIntervalHour").is_valid())),
+            "open_interest": B.Rows({"ts_exchange": "ts", "open_interest": "data.openInterest",
+                                     "open_interest_value": "data.openInterestValue"},
+                                    where=F("data.openInterest").is_valid() | F("data.openInterestValue").is_valid()),
+        }),
+}
+_TOPIC = r'^\{"topic":"(?P<kind>orderbook\.1|publicTrade|tickers)\.[^"]+"'
+
+
+def parse_batch(cols) -> BatchResult:
+    """schema.FrameColumns of a chunk of frames -> BatchResult (see app/exchanges/batch.py)."""
+    return B.parse_batch(cols, B.kinds_by_regex(cols, _TOPIC), _BATCH, NAME, unified)
 
 
 # ---- post-reconnect alignment (sans-I/O; app/alignment.py does the REST calls, RAM only) -------

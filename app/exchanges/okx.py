@@ -52,9 +52,12 @@ event (e.g. channel-conn-count) -> "info".
 """
 from __future__ import annotations
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import ujson
 
-from app.exchanges import (Control, Discovery, FrameError, Instrument, Keepalive, SequenceRule,
+from app.exchanges import batch as B
+from app.exchanges import (BatchResult, Control, Discovery, FrameError, Instrument, Keepalive, SequenceRule,
                            Stream, split_by_path)
 
 NAME = "okx"
@@ -62,6 +65,7 @@ PATH = "/ws/v5/public"
 KEEPALIVE = Keepalive("text", "ping", 20.0)       # server closes after 30 s of silence
 MAX_CONNECTION_AGE_S = None                       # no documented forced close
 CONNECT_INTERVAL_S = 0.4                          # <= 3 new connections per second per IP
+SUBSCRIBE_IN_URL = False
 SUBSCRIBE_INTERVAL_S = 0.25                       # "60014 requests too frequent" rate undocumented
 MAX_STREAMS_PER_CONNECTION = 200                  # no documented cap on public channels; be modest
 ARGS_PER_REQUEST = 100                            # 480 (un)subscribe requests per hour per connection
@@ -80,7 +84,7 @@ _CHANNELS = {  # dataset -> (channel, cadence)
 _PONG = Control("pong")
 
 
-def ws_url(base: str, path: str) -> str:
+def ws_url(base: str, path: str, streams=()) -> str:
     return f"{base.rstrip('/')}{path}"
 
 
@@ -258,6 +262,59 @@ def parse(item: tuple, sink) -> Control | None:
     if event is None:
         raise FrameError("unrecognised message")
     return _control(msg, event)
+
+
+# ---- batch parsing: the writer's fast path (declared per channel: app/exchanges/batch.py) ------
+# Every channel's `data` is a list of items, each a row: the same mapping as `_data`. Control
+# events, pongs and odd frames go to `parse`, one by one.
+
+_S, _I, F = B.STRING, B.INT, B.F
+
+
+def _kind(fields: dict, valid, rows: dict) -> B.Kind:
+    return B.Kind(json={"arg": pa.struct([("channel", _S), ("instId", _S)]),
+                        "data": pa.list_(pa.struct(list(fields.items())))},
+                  items="data", valid=valid, symbol=F("arg.instId"),
+                  stream=pc.binary_join_element_wise(F("arg.channel"), F("arg.instId"), ":"), rows=rows)
+
+
+_BATCH = {
+    "bbo-tbt": _kind(
+        {"asks": B.BOOK_SIDE, "bids": B.BOOK_SIDE, "ts": _S, "seqId": _I},
+        B.book_side_ok("item.bids") & B.book_side_ok("item.asks"),
+        {"bbo": B.Rows({"ts_event": "item.ts", "bid_px": B.first_entry("item.bids", 0),
+                        "bid_sz": B.first_entry("item.bids", 1), "ask_px": B.first_entry("item.asks", 0),
+                        "ask_sz": B.first_entry("item.asks", 1), "seq": "item.seqId"})}),
+    "trades": _kind(
+        {"tradeId": _S, "px": _S, "sz": _S, "side": _S, "ts": _S, "count": _S},
+        F("item.tradeId").is_valid() & F("item.px").is_valid() & F("item.sz").is_valid()
+        & F("item.side").is_valid(),
+        {"trades": B.Rows({"ts_event": "item.ts", "trade_id": "item.tradeId", "price": "item.px",
+                           "size": "item.sz", "side": "item.side",
+                           "first_trade_id": (F("item.tradeId").cast(_I)
+                                              - B.blank_to_null(F("item.count")).cast(_I)
+                                              + pa.scalar(1), _I),
+                           "last_trade_id": "item.tradeId", "trade_count": "item.count"})}),
+    "mark-price": _kind(
+        {"markPx": _S, "ts": _S}, F("item.markPx").is_valid(),
+        {"mark_price": B.Rows({"ts_exchange": "item.ts", "mark_px": "item.markPx"})}),
+    "funding-rate": _kind(
+        {"fundingRate": _S, "nextFundingTime": _S, "fundingTime": _S, "nextFundingRate": _S, "ts": _S},
+        None,
+        {"funding": B.Rows({"ts_exchange": "item.ts", "funding_rate": "item.fundingRate",
+                            "next_funding_time": "item.nextFundingTime", "funding_time": "item.fundingTime",
+                            "next_funding_rate": "item.nextFundingRate"})}),
+    "open-interest": _kind(
+        {"oi": _S, "oiUsd": _S, "ts": _S}, F("item.oi").is_valid(),
+        {"open_interest": B.Rows({"ts_exchange": "item.ts", "open_interest": "item.oi",
+                                  "open_interest_value": "item.oiUsd"})}),
+}
+_ARG = r'^\{"arg":\{"channel":"(?P<kind>[^"]+)","instId":"[^"]+"\},"data":\['
+
+
+def parse_batch(cols) -> BatchResult:
+    """schema.FrameColumns of a chunk of frames -> BatchResult (see app/exchanges/batch.py)."""
+    return B.parse_batch(cols, B.kinds_by_regex(cols, _ARG), _BATCH, NAME, unified)
 
 
 # ---- post-reconnect alignment (sans-I/O; app/alignment.py does the REST calls, RAM only) -------
