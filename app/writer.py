@@ -107,9 +107,18 @@ def parquet_name(instance_id: str, run_id: str, seq: str | int) -> str:
 def write_parquet_atomic(table: pa.Table, final_path: str, dataset: str | None) -> int:
     """Write under a temporary name, fsync, rename: the final name only ever holds a whole file."""
     os.makedirs(os.path.dirname(final_path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(final_path), "." + os.path.basename(final_path) + ".tmp")
+    tmp = _tmp_name(final_path)
     opts = schema.parquet_options(dataset) if dataset else {"compression": "zstd"}
     pq.write_table(table, tmp, **opts)
+    return _publish_tmp(tmp, final_path)
+
+
+def _tmp_name(final_path: str) -> str:
+    return os.path.join(os.path.dirname(final_path), "." + os.path.basename(final_path) + ".tmp")
+
+
+def _publish_tmp(tmp: str, final_path: str) -> int:
+    """fsync the finished temporary file, rename it to its final name, fsync the directory."""
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final_path)
@@ -127,7 +136,7 @@ def spool_to_parquet(spool_path: str, final_path: str, dataset: str) -> tuple[in
     atomic rule as write_parquet_atomic. -> (rows, bytes); (0, 0) and no file if it holds no row;
     None if unreadable. A torn last batch (kill -9 while appending) is ignored."""
     os.makedirs(os.path.dirname(final_path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(final_path), "." + os.path.basename(final_path) + ".tmp")
+    tmp = _tmp_name(final_path)
     rows = 0
     writer = None
     with open(spool_path, "rb") as f:
@@ -159,15 +168,7 @@ def spool_to_parquet(spool_path: str, final_path: str, dataset: str) -> tuple[in
     if writer is None:
         return 0, 0
     writer.close()
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final_path)
-    dir_fd = os.open(os.path.dirname(final_path), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return rows, os.path.getsize(final_path)
+    return rows, _publish_tmp(tmp, final_path)
 
 
 class Finalizer(threading.Thread):
