@@ -1179,7 +1179,11 @@ def rss_growth(soak: Soak) -> dict:
     base = [r for t, r in s if at - 5 <= t <= at + 5] or [s[len(s) // 3][1]]
     end = [r for _t, r in s[-10:]]
     b, e = statistics.median(base), statistics.median(end)
+    by_minute = {}
+    for t, r in s:
+        by_minute.setdefault(int(t // 60), []).append(r)
     return {"growth": round((e - b) / b, 4), "run_id": run.run_id, "from_s": round(at), "to_s": round(length),
+            "rss_by_minute_mb": [round(statistics.median(v) / 2**20) for _m, v in sorted(by_minute.items())],
             "rss_from_mb": round(b / 2**20, 1), "rss_end_mb": round(e / 2**20, 1),
             "rss_peak_mb": round(max(r for _t, r in s) / 2**20, 1), "short_run": length < 240}
 
