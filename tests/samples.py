@@ -133,3 +133,9 @@ GARBAGE = [
     b"null",
     b"",
 ]
+
+
+def ts_recv(name: str, line: int) -> int:
+    """The recorded receive time of a sample line (1-based), or the fallback the items use."""
+    ts = recv_times(name)[line - 1]
+    return ts if ts is not None else TS_FALLBACK_NS + line

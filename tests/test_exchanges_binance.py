@@ -38,11 +38,6 @@ def parsed_agg():
     return sink, per_line
 
 
-def _ts_recv(name: str, line: int) -> int:
-    ts = samples.recv_times(name)[line - 1]
-    return ts if ts is not None else TS_FALLBACK_NS + line
-
-
 def _events(frame):
     return frame["data"] if isinstance(frame["data"], list) else [frame["data"]]
 
@@ -84,7 +79,7 @@ def test_book_ticker_one_row_per_frame_field_by_field():
         d = frame["data"]
         assert p.rows_per_line[line]["bbo"] == 1
         assert row == {"symbol": d["s"], "instrument": binance.unified(d["s"]), "ts_event": d["T"],
-                       "ts_exchange": d["E"], "ts_recv": _ts_recv(name, line), "conn_id": CONN_ID,
+                       "ts_exchange": d["E"], "ts_recv": samples.ts_recv(name, line), "conn_id": CONN_ID,
                        "recv_seq": line, "bid_px": d["b"], "bid_sz": d["B"], "ask_px": d["a"],
                        "ask_sz": d["A"], "update_id": d["u"], "seq": None}
     assert "!bookTicker" in p.sink.last_seen                  # line 902, the all-market stream
@@ -121,7 +116,7 @@ def test_agg_trade_rows_field_by_field():
     for line, row in zip(range(2, len(frames) + 1), as_dicts("trades", sink.trades)):
         d = frames[line - 1]["data"]
         assert row == {"symbol": d["s"], "instrument": binance.unified(d["s"]), "ts_event": d["T"],
-                       "ts_exchange": d["E"], "ts_recv": _ts_recv(AGG, line), "conn_id": CONN_ID,
+                       "ts_exchange": d["E"], "ts_recv": samples.ts_recv(AGG, line), "conn_id": CONN_ID,
                        "recv_seq": line, "trade_id": d["a"], "price": d["p"], "size": d["q"],
                        "side": "sell" if d["m"] else "buy", "first_trade_id": d["f"],
                        "last_trade_id": d["l"], "trade_count": d["l"] - d["f"] + 1, "is_block": None}
@@ -141,7 +136,7 @@ def test_trade_rows_field_by_field():
     for line, (frame, row) in enumerate(zip(frames, rows), start=1):
         d = frame["data"]
         assert row == {"symbol": d["s"], "instrument": binance.unified(d["s"]), "ts_event": d["T"],
-                       "ts_exchange": d["E"], "ts_recv": _ts_recv(name, line), "conn_id": CONN_ID,
+                       "ts_exchange": d["E"], "ts_recv": samples.ts_recv(name, line), "conn_id": CONN_ID,
                        "recv_seq": line, "trade_id": d["t"], "price": d["p"], "size": d["q"],
                        "side": "sell" if d["m"] else "buy", "first_trade_id": None,
                        "last_trade_id": None, "trade_count": None, "is_block": None}
@@ -168,7 +163,7 @@ def test_mark_price_rows_field_by_field():
     for line, frame in enumerate(frames, start=1):
         for d in _events(frame):
             common = {"symbol": d["s"], "instrument": binance.unified(d["s"]), "ts_event": None,
-                      "ts_exchange": d["E"], "ts_recv": _ts_recv(name, line), "conn_id": CONN_ID, "recv_seq": line}
+                      "ts_exchange": d["E"], "ts_recv": samples.ts_recv(name, line), "conn_id": CONN_ID, "recv_seq": line}
             assert next(marks) == dict(common, mark_px=d["p"], index_px=d.get("i"), est_settle_px=d.get("P"))
             assert next(fundings) == dict(common, funding_rate=d["r"], next_funding_time=d["T"], funding_time=None,
                                           next_funding_rate=None, funding_interval_h=None)

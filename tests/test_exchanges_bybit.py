@@ -23,11 +23,6 @@ def parsed(name: str):
     return parse_file(bybit, name)
 
 
-def _ts_recv(name: str, line: int) -> int:
-    ts = samples.recv_times(name)[line - 1]
-    return ts if ts is not None else TS_FALLBACK_NS + line
-
-
 # ---------------------------------------------------------------------------------------------
 # interface
 
@@ -79,7 +74,7 @@ def test_orderbook_rows_field_by_field():
         assert row["instrument"] == f"{d['s'][:-4]}-USDT-PERP"
         assert row["ts_event"] == frame.get("cts")          # absent in the 2023 frames -> None
         assert row["ts_exchange"] == frame["ts"]
-        assert (row["ts_recv"], row["conn_id"], row["recv_seq"]) == (_ts_recv(name, line), CONN_ID, line)
+        assert (row["ts_recv"], row["conn_id"], row["recv_seq"]) == (samples.ts_recv(name, line), CONN_ID, line)
         first_b = d["b"][0] if d["b"] else [None, None]
         first_a = d["a"][0] if d["a"] else [None, None]
         assert (row["bid_px"], row["bid_sz"]) == tuple(first_b), line
@@ -141,7 +136,7 @@ def test_public_trade_rows_field_by_field():
             assert row["symbol"] == d["s"] == frame["topic"].split(".", 1)[1]
             assert row["instrument"] == bybit.unified(d["s"])
             assert (row["ts_event"], row["ts_exchange"]) == (d["T"], frame["ts"])
-            assert (row["ts_recv"], row["conn_id"], row["recv_seq"]) == (_ts_recv(name, line), CONN_ID, line)
+            assert (row["ts_recv"], row["conn_id"], row["recv_seq"]) == (samples.ts_recv(name, line), CONN_ID, line)
             assert (row["trade_id"], row["price"], row["size"]) == (d["i"], d["p"], d["v"])
             assert row["side"] in ("buy", "sell") and row["side"] == d["S"].lower()
             assert row["is_block"] is d["BT"]
@@ -202,7 +197,7 @@ def test_tickers_rows_field_by_field():
     for line, frame in enumerate(json_lines(name), start=1):
         d = frame["data"]
         common = {"symbol": d["symbol"], "instrument": bybit.unified(d["symbol"]), "ts_event": None,
-                  "ts_exchange": frame["ts"], "ts_recv": _ts_recv(name, line), "conn_id": CONN_ID,
+                  "ts_exchange": frame["ts"], "ts_recv": samples.ts_recv(name, line), "conn_id": CONN_ID,
                   "recv_seq": line}
         if "markPrice" in d:
             assert next(rows["mark_price"]) == dict(common, mark_px=d["markPrice"],

@@ -27,11 +27,6 @@ def parsed(name: str):
     return parse_file(okx, name)
 
 
-def _ts_recv(name: str, line: int) -> int:
-    ts = samples.recv_times(name)[line - 1]
-    return ts if ts is not None else TS_FALLBACK_NS + line
-
-
 # ---------------------------------------------------------------------------------------------
 # interface
 
@@ -71,7 +66,7 @@ def test_every_line_gives_one_row_per_data_item(name):
         ds = DATASET_OF[frame["arg"]["channel"]]
         assert p.rows_per_line[line][ds] == len(frame["data"]), line
         assert sum(p.rows_per_line[line].values()) == len(frame["data"]), line
-    last = {f"{f['arg']['channel']}:{f['arg']['instId']}": _ts_recv(name, line)
+    last = {f"{f['arg']['channel']}:{f['arg']['instId']}": samples.ts_recv(name, line)
             for line, f in enumerate(frames, start=1)}
     assert p.sink.last_seen == last
 
@@ -79,7 +74,7 @@ def test_every_line_gives_one_row_per_data_item(name):
 def _common(frame, name, line, ts_event, ts_exchange):
     inst_id = frame["arg"]["instId"]
     return {"symbol": inst_id, "instrument": okx.unified(inst_id), "ts_event": ts_event,
-            "ts_exchange": ts_exchange, "ts_recv": _ts_recv(name, line), "conn_id": CONN_ID, "recv_seq": line}
+            "ts_exchange": ts_exchange, "ts_recv": samples.ts_recv(name, line), "conn_id": CONN_ID, "recv_seq": line}
 
 
 def test_bbo_tbt_rows():
