@@ -132,13 +132,14 @@ def parse_batch(cols, kinds: pa.Array, specs: dict[str, Kind], exchange: str,
         for ds, table in built.items():
             if table.num_rows:
                 tables.setdefault(ds, []).append(table)
-        handled.append(frames.column("recv_seq"))
+        handled.extend(frames.column("recv_seq").chunks)
         latest = frames.group_by("stream").aggregate([("ts_recv", "max")])
         for key, t in zip(latest.column("stream").to_pylist(), latest.column("ts_recv_max").to_pylist()):
             if t > last_seen.get(key, 0):
                 last_seen[key] = t
     if handled:
-        done = pc.is_in(cols.recv_seq, value_set=pa.chunked_array(handled).combine_chunks())
+        # chunks, not ChunkedArrays: pa.chunked_array() would convert those value by value in Python
+        done = pc.is_in(cols.recv_seq, value_set=pa.chunked_array(handled, type=INT).combine_chunks())
         leftover = pc.indices_nonzero(pc.invert(done)).to_pylist()
     else:
         leftover = list(range(len(cols)))
