@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import secrets
 import signal
 import threading
@@ -20,6 +19,7 @@ from app import __version__, discovery, logs, storage as storage_mod, writer as 
 from app.exchanges import load as load_adapter, resolve_symbols
 from app.feed import Manager
 from app.gaps import GAP_THREAD
+from app.handoff import FrameQueue
 from app.state import MONITOR_THREAD, State
 from app.status_api import STATUS_THREAD
 
@@ -44,7 +44,7 @@ class Collector:
         self.settings = settings
         self.run_id = new_run_id()
         self.adapters = {name: load_adapter(name) for name in settings.exchanges}
-        self.queue: queue.Queue = queue.Queue(maxsize=settings.queue_maxsize)
+        self.queue = FrameQueue(maxsize=settings.queue_maxsize)
         self.state = State(version=__version__, instance_id=settings.instance_id, run_id=self.run_id,
                            exchanges=settings.exchanges, queue=self.queue)
         self.storage = storage_mod.build(settings, self.state)

@@ -1,11 +1,11 @@
 """WebSocket connections: websocket-client threads that stamp frames and enqueue them.
 
-`on_message` is the hot path and does only this: stamp the frame with ts_recv, the
-process-wide recv_seq and the conn_id, and append it, raw bytes, to the connection's
-micro-batch (UTF-8 is validated later, per batch, in Arrow). The micro-batch goes into the queue
-under one lock whenever the thread is about to wait for the network (`put_frames`), so a frame
-is never held back waiting for the next one. A full queue is a counted drop per frame, never a
-block: the exchange would disconnect a slow reader.
+`on_message` is the hot path and does only this: stamp the frame with the process-wide
+recv_seq and ts_recv and append it, raw bytes, to the connection's micro-batch
+(`handoff.Stamps`; UTF-8 is validated later, per batch, in Arrow). The micro-batch goes into the
+queue under one lock whenever the thread is about to wait for the network
+(`FrameQueue.offer`), so a frame is never held back waiting for the next one. A full queue is a
+counted drop per frame, never a block: the exchange would disconnect a slow reader.
 
 Everything slower lives in the Manager's watchdog thread, once a second: keepalive pings,
 dead-socket detection (no frame at all for stale_timeout, which also catches half-open
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import random
 import selectors
 import socket
@@ -28,6 +27,7 @@ import time
 import websocket
 
 from app import logs
+from app.handoff import FrameQueue, Stamps
 from app.exchanges import ConnectionPlan, Control, Stream
 
 log = logs.get()
@@ -133,24 +133,6 @@ class FastWebSocketApp(websocket.WebSocketApp):
         return BufferedDispatcher(self, ping_timeout or 10)
 
 
-def put_frames(q: queue.Queue, items: list) -> int:
-    """Append a connection's micro-batch to the ingestion queue under one lock; -> how many
-    frames did not fit. The same rule as put_nowait per frame: the capacity counts frames, a
-    frame that finds the queue full is dropped (its recv_seq is already taken, so drops are
-    exactly the holes in recv_seq), and nothing ever blocks."""
-    with q.mutex:
-        room = q.maxsize - len(q.queue) if q.maxsize > 0 else len(items)
-        accepted = len(items) if room >= len(items) else max(0, room)
-        if accepted == len(items):
-            q.queue.extend(items)
-        elif accepted:
-            q.queue.extend(items[:accepted])
-        if accepted:
-            q.unfinished_tasks += accepted
-            q.not_empty.notify()
-    return len(items) - accepted
-
-
 # run_forever options of every connection (and of the bench's no-op ceiling client): no UTF-8
 # validation in Python, no library pings or reconnects (the watchdog owns both).
 RUN_OPTIONS = {"skip_utf8_validation": True, "ping_interval": 0, "reconnect": 0}
@@ -249,21 +231,23 @@ class Connection:
         next_seq = self.manager.recv_seq.__next__
         time_ns = time.time_ns
         on_drop = self.manager.on_drop
-        batch: list[tuple] = []          # stamped frames not yet in the queue (a micro-batch)
-        stamp = batch.append
+        stamps = Stamps(exchange, conn_id)      # frames not yet in the queue (a micro-batch)
+        add_seq, add_ts, add_payload = stamps.recv_seq.append, stamps.ts_recv.append, stamps.payloads.append
 
         def on_message(_ws, data):
-            stamp((exchange, conn_id, next_seq(), time_ns(), data))
+            add_seq(next_seq())
+            add_ts(time_ns())
+            add_payload(data)
 
         def hand_over():
             """The micro-batch -> the queue: before the thread waits for the network (so a
             frame never waits here for the next one), and on close."""
-            if not batch:
+            batch = stamps.take()
+            if batch is None:
                 return
             self.received += len(batch)
-            self.last_frame_ns = batch[-1][3]
-            dropped = put_frames(q, batch)
-            batch.clear()
+            self.last_frame_ns = batch.ts_recv[-1]
+            dropped = q.offer(batch)
             if dropped:
                 self.dropped += dropped
                 on_drop(self)
@@ -389,7 +373,7 @@ class Connection:
 class Manager:
     """Builds connections from plans, routes control messages, runs the watchdog."""
 
-    def __init__(self, settings, adapters: dict, q: queue.Queue, state, last_seen: dict[str, dict]):
+    def __init__(self, settings, adapters: dict, q: FrameQueue, state, last_seen: dict[str, dict]):
         self.settings = settings
         self.adapters = adapters
         self.queue = q

@@ -194,10 +194,7 @@ class State:
         cap = q.maxsize if q is not None and q.maxsize > 0 else 0
         oldest_queued = None
         if q is not None:
-            try:
-                oldest_queued = q.queue[0][3]       # (exchange, conn_id, recv_seq, ts_recv, data)
-            except (IndexError, TypeError, AttributeError):
-                oldest_queued = None
+            oldest_queued = q.oldest_ts_recv()
         pending = self.writer_oldest_pending_ns
         ages = [now_ns - t for t in (pending, oldest_queued) if t]
         return {"size": size, "capacity": cap,

@@ -23,13 +23,13 @@ import queue
 import re
 import threading
 import time
-from collections import deque
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from app import logs, schema
+from app.handoff import FrameQueue
 from app.exchanges import RowSink
 
 log = logs.get()
@@ -46,6 +46,19 @@ BATCH_MIN_FRAMES = 64       # below this, per-frame parsing is cheaper than the 
 MAX_CHUNK_FRAMES = 50_000   # frames parsed at once: bounds the Arrow memory of a writer catching up
 ROW_GROUP_BYTES = 16 * 1024 * 1024   # Arrow bytes per Parquet row group: bounds the finalizer's memory
 _SEP = "~"
+
+
+def _items_at(ex: str, batches: list, positions: list[int]) -> list[tuple]:
+    """The queue-item tuples at these positions (ascending) of the batches' frames."""
+    out, it, start = [], iter(batches), 0
+    b = next(it, None)
+    for pos in positions:
+        while b is not None and pos >= start + len(b):
+            start += len(b)
+            b = next(it, None)
+        i = pos - start
+        out.append((ex, b.conn_id, b.recv_seq[i], b.ts_recv[i], b.payloads[i]))
+    return out
 
 
 def _date_of_day(day: int) -> str:
@@ -222,7 +235,7 @@ class Finalizer(threading.Thread):
 
 
 class Writer(threading.Thread):
-    def __init__(self, settings, q: queue.Queue, state, storage, adapters: dict, on_control,
+    def __init__(self, settings, q: FrameQueue, state, storage, adapters: dict, on_control,
                  *, run_id: str, version: str, clock=time.time):
         super().__init__(name="writer", daemon=True)
         self.settings = settings
@@ -272,7 +285,7 @@ class Writer(threading.Thread):
         q = self.queue
         while True:
             self.hold.wait()
-            batch = self._take(q)
+            batch = q.take_all()
             if batch:
                 self.process(batch)
                 if s.writer_throttle_s or s.writer_throttle_file:
@@ -319,16 +332,6 @@ class Writer(threading.Thread):
             time.sleep(min(0.2, max(0.0, end - time.monotonic())))
             end = min(end, time.monotonic() + seconds())
 
-    def _take(self, q: queue.Queue) -> deque | None:
-        """Swap out the queue's whole buffer in O(1) instead of get() per frame."""
-        with q.mutex:
-            if not q.queue:
-                return None
-            items = q.queue
-            q.queue = deque()
-            q.not_full.notify_all()
-        return items
-
     def _next_rotate(self, now: float) -> float:
         r = self.settings.rotate_interval
         return (int(now // r) + 1) * r
@@ -340,23 +343,21 @@ class Writer(threading.Thread):
         self.join(timeout)
 
     # ---- per batch -----------------------------------------------------------------------------
-    def process(self, batch) -> None:
-        """Queue items -> per-exchange pending lists, parsed in chunks (`parse_pending`: every
-        PARSE_INTERVAL_S, at flush, or here once 5 x writer_batch frames wait). Big chunks keep
-        the number of Arrow calls per frame low: each call releases the GIL and must win it
-        back from the socket threads."""
-        if not batch:
+    def process(self, batches) -> None:
+        """FrameBatches from the queue -> per-exchange pending lists, parsed in chunks
+        (`parse_pending`: every PARSE_INTERVAL_S, at flush, or here once 5 x writer_batch frames
+        wait). Big chunks keep the number of Arrow calls per frame low: each call releases the
+        GIL and must win it back from the socket threads."""
+        if not batches:
             return
         if self._pending_since_ns is None:
-            self._pending_since_ns = batch[0][3]
+            self._pending_since_ns = batches[0].ts_recv[0]
             self.state.writer_oldest_pending_ns = self._pending_since_ns
         pending = self.pending
-        if len(pending) == 1:              # one exchange per process: no need to look
-            next(iter(pending.values())).extend(batch)
-        else:
-            for item in batch:
-                pending[item[0]].append(item)
-        n = len(batch)
+        n = 0
+        for b in batches:
+            pending[b.exchange].append(b)
+            n += len(b)
         self._pending_frames += n
         self._unparsed += n
         self.frames_processed += n
@@ -367,29 +368,38 @@ class Writer(threading.Thread):
         """Parse what is pending and append it to the spools (fsynced at the next flush), in
         chunks of at most MAX_CHUNK_FRAMES: only one chunk of Arrow data is ever in memory."""
         accepting = self.storage.accepting()
-        for ex, items in self.pending.items():
-            if not items:
+        for ex, batches in self.pending.items():
+            if not batches:
                 continue
             self.pending[ex] = []
             if not accepting:
-                self._drop_spool_full(ex, len(items))
+                self._drop_spool_full(ex, sum(map(len, batches)))
                 continue
-            for start in range(0, len(items), MAX_CHUNK_FRAMES):
-                self._parse_chunk(ex, items[start:start + MAX_CHUNK_FRAMES])
+            chunk, size = [], 0
+            for b in batches:
+                chunk.append(b)
+                size += len(b)
+                if size >= MAX_CHUNK_FRAMES:
+                    self._parse_chunk(ex, chunk)
+                    chunk, size = [], 0
+            if chunk:
+                self._parse_chunk(ex, chunk)
         self._unparsed = 0
 
-    def _parse_chunk(self, ex: str, items: list) -> None:
+    def _parse_chunk(self, ex: str, batches: list) -> None:
         """One exchange's frames -> the frames table and the datasets' tables -> the spools.
 
         The adapter's `parse_batch` (Arrow, mostly outside the GIL) takes what it can; the
         frames it leaves (control messages, odd shapes, bad values) go through `parse` one by
         one, exactly as without a batch parser."""
-        cols = schema.frame_columns(items)
+        cols = schema.frame_columns(batches)
         if cols.bad_utf8:
             self.state.count("frames_non_utf8", ex, cols.bad_utf8)
         parts: dict[str, list] = {"frames": [schema.frames_table_from(ex, cols)]}
-        leftover = self._parse_batch(ex, cols, parts) if len(items) >= BATCH_MIN_FRAMES else None
-        self._parse_each(ex, items if leftover is None else [items[i] for i in leftover], parts)
+        leftover = self._parse_batch(ex, cols, parts) if len(cols) >= BATCH_MIN_FRAMES else None
+        items = ([item for b in batches for item in b.items()] if leftover is None
+                 else _items_at(ex, batches, leftover))
+        self._parse_each(ex, items, parts)
         self._spool_parts(ex, cols, parts)
 
     def _parse_batch(self, ex: str, cols, parts: dict) -> list[int] | None:

@@ -19,7 +19,6 @@ monitor's heartbeat keeps its real-time cadence.
 from __future__ import annotations
 
 import os
-import queue
 import shutil
 import tempfile
 import time
@@ -44,6 +43,7 @@ def run(flush_interval: float = 0.5, rotate_interval: float = 2.0, rate: float =
     import pyarrow.parquet as pq
     from app import settings as settings_mod
     from app.exchanges import load
+    from app.handoff import FrameQueue, from_items
     from app.state import Monitor, State
     from app.storage import LocalStorage
     from app.writer import Writer
@@ -58,7 +58,7 @@ def run(flush_interval: float = 0.5, rotate_interval: float = 2.0, rate: float =
                                          "ROTATE_INTERVAL": str(rotate_interval), "HEARTBEAT_INTERVAL": "1"},
                           dotenv_path=os.path.join(work, ".env"))
     clock = JumpClock()
-    q: queue.Queue = queue.Queue(maxsize=1_000_000)
+    q = FrameQueue(maxsize=1_000_000)
     state = State(version="soak", instance_id="clockjump", run_id="clockjump", exchanges=(EX,), queue=q,
                   clock=clock.time)
     storage = LocalStorage(s, state)
@@ -118,7 +118,7 @@ def run(flush_interval: float = 0.5, rotate_interval: float = 2.0, rate: float =
                     raw = AGG % (ms, a, sym, "100.0", "0.5", a * 2, a * 2 + 1, ms - 1, "false")
                     stream = sym.lower() + "@aggTrade"
                     fed["trades"] += 1
-                q.put((EX, 1, seq, ts, (WRAP % (stream, raw)).encode()))
+                q.put(*from_items([(EX, 1, seq, ts, (WRAP % (stream, raw)).encode())]))
                 fed["frames"] += 1
             if time.monotonic() >= next_tick:
                 monitor.tick()

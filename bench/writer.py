@@ -15,18 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import sys
 import tempfile
 import threading
 import time
 
+BATCH = 300          # frames per socket micro-batch (~64 KiB of frames per read)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from app import settings as settings_mod, writer as writer_mod  # noqa: E402
 from app.exchanges import load  # noqa: E402
 from app.state import State  # noqa: E402
+from app.handoff import FrameQueue, from_items  # noqa: E402
 from app.storage import LocalStorage  # noqa: E402
 
 
@@ -72,16 +73,17 @@ def main(argv=None) -> int:
     exchanges = args.exchanges.split(",")
     per_ex = {ex: sim_frames(ex, args.frames) for ex in exchanges}
     t0 = time.time_ns()
-    items, seq = [], 0
-    for i in range(args.frames):
+    items, seq = [], 0            # micro-batches of BATCH frames per connection, as handed over
+    for i in range(0, args.frames, BATCH):
         for ex in exchanges:
-            seq += 1
-            items.append((ex, 1 + i % 5, seq, t0 + seq * 1000, per_ex[ex][i]))
+            for frame in per_ex[ex][i:i + BATCH]:
+                seq += 1
+                items.append((ex, 1 + i // BATCH % 5, seq, t0 + seq * 1000, frame))
     with tempfile.TemporaryDirectory() as d:
         s = settings_mod.load(None, environ={}, dotenv_path=os.path.join(d, ".env")).replace(
             data_dir=d, exchanges=exchanges)
         state = State(exchanges=exchanges)
-        w = writer_mod.Writer(s, queue.Queue(), state, LocalStorage(s, state),
+        w = writer_mod.Writer(s, FrameQueue(), state, LocalStorage(s, state),
                               {ex: load(ex) for ex in exchanges}, on_control=lambda *a: None,
                               run_id="R", version="bench")
         if args.per_frame:
@@ -95,9 +97,11 @@ def main(argv=None) -> int:
         spinners = [threading.Thread(target=spin, daemon=True) for _ in range(args.spin)]
         for t in spinners:
             t.start()
+        batches = from_items(items)
         t1 = time.perf_counter()
-        for k in range(0, len(items), args.chunk):
-            w.process(items[k:k + args.chunk])
+        per_chunk = max(1, args.chunk // BATCH)
+        for k in range(0, len(batches), per_chunk):
+            w.process(batches[k:k + per_chunk])
             w.parse_pending()
         w.flush()
         t2 = time.perf_counter()

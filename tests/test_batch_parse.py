@@ -4,7 +4,6 @@ last_seen. Fed with every recorded sample frame of each exchange, the simulator'
 and frames broken on purpose."""
 from __future__ import annotations
 
-import queue
 
 import pytest
 
@@ -12,6 +11,7 @@ from app import schema, settings as settings_mod, writer as writer_mod
 from app.exchanges import load
 from app.state import State
 from app.storage import LocalStorage
+from app.handoff import FrameQueue, from_items
 from tests import samples
 
 samples.require_samples()
@@ -113,15 +113,15 @@ def _all_topics(ex) -> list[str]:
 def _run(tmp_path, exchange: str, items: list[tuple], batch: bool) -> dict:
     s = settings_mod.load(None, environ={}, dotenv_path=str(tmp_path / ".env")).replace(
         data_dir=str(tmp_path / ("batch" if batch else "frame")), exchanges=[exchange])
-    state = State(exchanges=[exchange], queue=queue.Queue())
+    state = State(exchanges=[exchange], queue=FrameQueue())
     controls = []
-    w = writer_mod.Writer(s, queue.Queue(), state, LocalStorage(s, state), {exchange: load(exchange)},
+    w = writer_mod.Writer(s, FrameQueue(), state, LocalStorage(s, state), {exchange: load(exchange)},
                           on_control=lambda *a: controls.append(a), run_id="R", version="t")
     if not batch:
         w.batch_parsers = {}
     tables = {}
     w.observers.append(lambda ex, ds, t: tables.setdefault(ds, []).extend(t.to_pylist()))
-    w.process(items)
+    w.process(from_items(items))
     w.parse_pending()
     counts = {c: state.total(c) for c in ("frames_unparsed", "rows_rejected", "frames_non_utf8",
                                            "frames_written", "rows_written")}
@@ -150,7 +150,7 @@ def test_batch_path_takes_the_clean_frames(exchange):
     """Without broken frames poisoning a group, the batch path takes every frame of its kinds
     but one recorded aggTrade that lacks its id (per-frame parsing rejects it too)."""
     items = _items(exchange, broken=False)
-    leftover = load(exchange).parse_batch(schema.frame_columns(items)).leftover
+    leftover = load(exchange).parse_batch(schema.frame_columns(from_items(items))).leftover
     batched = sum(1 for it in items if BATCHED[exchange](it[4]))
     assert batched > 10
     assert len(items) - len(leftover) >= batched - (1 if exchange == "binance" else 0)
@@ -162,7 +162,7 @@ def test_batch_path_equals_per_frame_on_simulated_frames(tmp_path, exchange):
     ref, got = _run(tmp_path, exchange, items, False), _run(tmp_path, exchange, items, True)
     assert got == ref
     assert set(ref["tables"]) >= {"frames", "bbo", "trades", "mark_price"}
-    leftover = load(exchange).parse_batch(schema.frame_columns(items)).leftover
+    leftover = load(exchange).parse_batch(schema.frame_columns(from_items(items))).leftover
     assert len(leftover) == 0
 
 
@@ -173,7 +173,7 @@ def test_a_bad_group_falls_back_without_losing_others(tmp_path):
     agg = b'{"stream":"btcusdt@aggTrade","data":{"e":"aggTrade","E":1,"a":%d,"s":"BTCUSDT","p":"1","q":"1","f":1,"l":1,"T":1,"m":false}}'
     payloads = [book % b"1", agg % 1, book % b'"2"', agg % 2, book % b"3"] * 20
     items = [("binance", 1, i + 1, 10**18 + i, p) for i, p in enumerate(payloads)]
-    result = load("binance").parse_batch(schema.frame_columns(items))
+    result = load("binance").parse_batch(schema.frame_columns(from_items(items)))
     assert sorted(result.leftover) == [i for i, p in enumerate(payloads) if b"bookTicker" in p]
     assert sum(t.num_rows for t in result.tables["trades"]) == 40
     ref, got = _run(tmp_path, "binance", items, False), _run(tmp_path, "binance", items, True)

@@ -38,7 +38,7 @@ class Flush:
         self.seq = itertools.count(1)
 
     def __call__(self, frames) -> dict:
-        items = [(self.ex, conn, next(self.seq), ts, payload.encode()) for conn, ts, payload in frames]
+        items = [(self.ex, conn, next(self.seq), int(ts), payload.encode()) for conn, ts, payload in frames]
         sink = RowSink()
         for it in items:
             self.adapter.parse(it, sink)

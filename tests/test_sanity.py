@@ -6,7 +6,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import queue
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from app import sanity, schema, settings as settings_mod, writer as writer_mod
 from app.exchanges import load
 from app.state import State
 from app.storage import LocalStorage
+from app.handoff import FrameQueue, from_items
 from tests.helpers import ROOT
 
 DAY = "2024-03-05"
@@ -106,8 +106,8 @@ class Recorder:
         s = settings_mod.load(None, environ={}, dotenv_path=os.path.join(str(data_dir), ".env")).replace(
             data_dir=str(data_dir), exchanges=list(exchanges), instance_id=instance_id)
         self.exchanges = exchanges
-        self.state = State(exchanges=list(exchanges), queue=queue.Queue())
-        self.w = writer_mod.Writer(s, queue.Queue(), self.state, LocalStorage(s, self.state),
+        self.state = State(exchanges=list(exchanges), queue=FrameQueue())
+        self.w = writer_mod.Writer(s, FrameQueue(), self.state, LocalStorage(s, self.state),
                                    {ex: load(ex) for ex in exchanges}, on_control=lambda *a: None,
                                    run_id=run_id, version="test")
         self.w.finalizer.start()
@@ -149,7 +149,7 @@ class Recorder:
                 batch.append(it)
             if (tick + 1) % TICKS_PER_FILE == 0 or tick == t_to - 1:
                 self.sent += len(batch)
-                self.w.process(batch)
+                self.w.process(from_items(batch))
                 self.w.flush()
                 self.w.rotate()
                 batch = []

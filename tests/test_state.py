@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import threading
 import time
 import urllib.error
@@ -18,6 +17,7 @@ import pytest
 
 from app import logs, settings as settings_mod
 from app.state import DEGRADED, ERROR, OFFLINE, READY, Monitor, State
+from app.handoff import FrameQueue, from_items
 
 T0 = 1_800_000_000.0      # a whole minute (divisible by 60): bucket arithmetic stays readable
 
@@ -84,7 +84,7 @@ def rig(tmp_path, monkeypatch):
 
     def build(exchanges=("binance",), maxsize=100, writer_alive=None, **changes):
         clock = Clock()
-        q = queue.Queue(maxsize=maxsize)
+        q = FrameQueue(maxsize=maxsize)
         st = State(version="9.9", instance_id="unit", run_id="r1", exchanges=exchanges, queue=q,
                    clock=clock)
         conns = {}
@@ -183,10 +183,10 @@ def test_drops_of_a_retired_connection_still_count(rig):
 def test_queue_utilisation_above_ratio(rig):
     st, mon, clock, _conns, q = rig(maxsize=10, degraded_queue_ratio=0.8)
     for i in range(8):
-        q.put(("binance", 1, i, time.time_ns(), b"x"))
+        q.put(*from_items([("binance", 1, i, time.time_ns(), b"x")]))
     run(mon, clock, 1)
     assert st.state == READY                   # 80 % is not above 80 %
-    q.put(("binance", 1, 9, time.time_ns(), b"x"))
+    q.put(*from_items([("binance", 1, 9, time.time_ns(), b"x")]))
     run(mon, clock, 1)
     assert st.state == DEGRADED and st.reasons == ["queue_utilisation"]
     assert st.details["queue_utilisation"] == 0.9
@@ -338,7 +338,7 @@ def test_heartbeat_every_interval_with_interval_figures(rig, events):
         st.count("rows_written", "binance", 50, "bbo")
         if t == T0 + 12:
             for i in range(7):
-                q.put(("binance", 1, i, time.time_ns(), b"x"))   # a burst the writer then clears
+                q.put(*from_items([("binance", 1, i, time.time_ns(), b"x")]))   # a burst the writer then clears
         if t == T0 + 13:
             while not q.empty():
                 q.get()
@@ -374,7 +374,7 @@ def test_heartbeat_queue_peak_is_sampled_between_beats(rig, events):
     def burst(t):
         if t == T0 + 4:
             for i in range(6):
-                q.put(("binance", 1, i, time.time_ns(), b"x"))
+                q.put(*from_items([("binance", 1, i, time.time_ns(), b"x")]))
         if t == T0 + 5:
             while not q.empty():
                 q.get()
@@ -409,7 +409,7 @@ def test_writer_lag_is_the_oldest_unpersisted_frame(rig):
     now_ns = int(clock.t * 1e9)
     assert st.queue_figures(now_ns)["writer_lag_s"] == 0.0
     st.writer_oldest_pending_ns = now_ns - 1_500_000_000
-    q.put(("binance", 1, 1, now_ns - 4_000_000_000, b"x"))
+    q.put(*from_items([("binance", 1, 1, now_ns - 4_000_000_000, b"x")]))
     fig = st.queue_figures(now_ns)
     assert (fig["oldest_pending_age_s"], fig["oldest_queued_age_s"], fig["writer_lag_s"]) == (1.5, 4.0, 4.0)
 
@@ -435,7 +435,7 @@ def test_history_keeps_fifteen_minute_buckets(rig):
             conn.dropped += 2
             st.count("gaps", "binance", 3)
             st.count("reconnects", "binance")
-            q.put(("binance", 1, 1, time.time_ns(), b"x"))
+            q.put(*from_items([("binance", 1, 1, time.time_ns(), b"x")]))
         if t == T0 + 60 * 19 + 31:
             q.get()
     run(mon, clock, 20 * 60 - 1, traffic)      # up to T0 + 19:59

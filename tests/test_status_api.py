@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_pro
 from app import settings as settings_mod, status_api
 from app.collector import StartupError
 from app.state import DEGRADED, ERROR, OFFLINE, READY, Monitor, State
+from app.handoff import FrameQueue
 from tests.test_state import T0, Clock, FakeConn, make_settings
 
 
@@ -26,7 +26,7 @@ def live(tmp_path, monkeypatch):
     """A State with traffic on two exchanges, a ticked Monitor, and the API on an ephemeral port."""
     monkeypatch.chdir(tmp_path)
     clock = Clock(T0)
-    q = queue.Queue(maxsize=1000)
+    q = FrameQueue(maxsize=1000)
     st = State(version="1.2.3", instance_id="box-1", run_id="20270115T000000Zabcd",
                exchanges=("binance", "okx"), queue=q, clock=clock)
     conns = [FakeConn("binance", 1), FakeConn("okx", 2)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import queue
 import threading
 import time
 
@@ -23,6 +22,7 @@ from app import settings as settings_mod, writer as writer_mod
 from app.exchanges import load
 from app.state import State
 from app.storage_s3 import S3Storage
+from app.handoff import FrameQueue, from_items
 from tests.helpers import CollectorProcess, sim_env, wait_until
 from tests.s3server import ACCESS_KEY, REGION, SECRET_KEY, S3Server
 
@@ -326,11 +326,11 @@ def test_spool_budget_degrades_then_drops_new_rows_never_files(tmp_path, own_s3,
     wait_until(lambda: not st.accepting(), 5, what="spool full")
     assert state.spool_usage["full"] and events.named("spool_full")
     # the writer drops (and counts) new data; spooled files stay
-    q = queue.Queue()
+    q = FrameQueue()
     w = writer_mod.Writer(st.settings, q, state, st, {"binance": load("binance")},
                           on_control=lambda *a: None, run_id="RUN", version="t")
     now = time.time_ns()
-    w.process([("binance", 1, n, now + n, BOOK % n) for n in range(1, 8)])
+    w.process(from_items([("binance", 1, n, now + n, BOOK % n) for n in range(1, 8)]))
     w.flush()
     assert state.total("frames_dropped_spool_full", "binance") == 7
     assert state.total("rows_written", "binance") == 0
@@ -341,7 +341,7 @@ def test_spool_budget_degrades_then_drops_new_rows_never_files(tmp_path, own_s3,
     wait_until(lambda: state.upload_backlog["files"] == 0, 30, what="drained")
     wait_until(lambda: st.accepting() and not state.spool_usage["near_full"], 5, what="accepting")
     assert events.named("spool_accepting") and events.named("spool_ok")
-    w.process([("binance", 1, n, now + n, BOOK % n) for n in range(8, 11)])
+    w.process(from_items([("binance", 1, n, now + n, BOOK % n) for n in range(8, 11)]))
     w.flush()
     assert state.total("rows_written", "binance", "bbo") == 3
     st.stop(timeout=10)

@@ -1,7 +1,6 @@
 """Writer durability: spool -> Parquet, torn spool after kill -9, date partitioning."""
 import glob
 import os
-import queue
 import time
 
 import pyarrow.parquet as pq
@@ -10,6 +9,7 @@ from app import schema, settings as settings_mod, writer as writer_mod
 from app.exchanges import load
 from app.state import State
 from app.storage import LocalStorage
+from app.handoff import FrameQueue, from_items
 
 BOOK = b'{"stream":"btcusdt@bookTicker","data":{"e":"bookTicker","u":%d,"s":"BTCUSDT","b":"100.1","B":"1","a":"100.2","A":"2","T":1700000000000,"E":1700000000001}}'
 
@@ -17,7 +17,7 @@ BOOK = b'{"stream":"btcusdt@bookTicker","data":{"e":"bookTicker","u":%d,"s":"BTC
 def make_writer(tmp_path, **over):
     s = settings_mod.load(None, environ={}, dotenv_path=str(tmp_path / ".env")).replace(
         data_dir=str(tmp_path), exchanges=["binance"], **over)
-    q = queue.Queue(maxsize=1000)
+    q = FrameQueue(maxsize=1000)
     state = State(exchanges=["binance"], queue=q)
     controls = []
     w = writer_mod.Writer(s, q, state, LocalStorage(s, state), {"binance": load("binance")},
@@ -33,8 +33,8 @@ def items(n, start=1, ts=None):
 def test_flush_then_rotate_writes_parquet(tmp_path):
     w, q, state, controls = make_writer(tmp_path)
     w.finalizer.start()
-    w.process(items(10) + [("binance", 1, 11, time.time_ns(), b'{"result":null,"id":3}'),
-                           ("binance", 1, 12, time.time_ns(), b'{garbage')])
+    w.process(from_items(items(10) + [("binance", 1, 11, time.time_ns(), b'{"result":null,"id":3}'),
+                           ("binance", 1, 12, time.time_ns(), b'{garbage')]))
     w.flush()
     assert glob.glob(str(tmp_path / "spool" / "*.arrows"))
     w.rotate()
@@ -55,9 +55,9 @@ def test_flush_then_rotate_writes_parquet(tmp_path):
 
 def test_torn_spool_is_recovered(tmp_path):
     w, q, state, _ = make_writer(tmp_path)
-    w.process(items(5, 1))
+    w.process(from_items(items(5, 1)))
     w.flush()
-    w.process(items(5, 6))
+    w.process(from_items(items(5, 6)))
     w.flush()
     spools = glob.glob(str(tmp_path / "spool" / "bbo~*.arrows"))
     assert len(spools) == 1
@@ -76,7 +76,7 @@ def test_split_by_date_at_midnight(tmp_path):
     midnight = 1_700_006_400 * 10**9   # 2023-11-15T00:00:00Z
     w, q, state, _ = make_writer(tmp_path)
     w.finalizer.start()
-    w.process([("binance", 1, 1, midnight - 1, BOOK % 1), ("binance", 1, 2, midnight, BOOK % 2)])
+    w.process(from_items([("binance", 1, 1, midnight - 1, BOOK % 1), ("binance", 1, 2, midnight, BOOK % 2)]))
     w.flush()
     w.rotate()
     w.finalizer.stop()
@@ -87,8 +87,8 @@ def test_split_by_date_at_midnight(tmp_path):
 
 def test_run_drains_queue_on_stop(tmp_path):
     w, q, state, _ = make_writer(tmp_path)
-    for it in items(50):
-        q.put_nowait(it)
+    for batch in from_items(items(50)):
+        q.put_nowait(batch)
     w.start()
     w.stop()
     files = glob.glob(str(tmp_path / "raw/v1/bbo/**/*.parquet"), recursive=True)
