@@ -13,6 +13,7 @@ the 1-minute load average is printed with every step because other processes sha
  1. server: the firehose into a raw socket sink (no framing): how fast frames can be sent.
  2. ceiling: the collector's own socket code (app.feed: buffered reads, no UTF-8 validation)
     with a no-op on_message, same connections as the collector: what the design can read.
+    Both reference rates are the median of REFERENCE_RUNS windows.
  3. e2e: the collector on one exchange. Ramp (x1.25) then bisect the firehose rate; a step
     passes when, over `--step` seconds, the collector dropped nothing, the firehose sent the
     whole target (>= 97 %: no TCP back-pressure, the sockets kept up) and the writer kept up
@@ -39,6 +40,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +56,7 @@ PY = sys.executable
 EXCHANGES = ("binance", "bybit", "okx")
 PASS_SEND_RATIO = 0.97          # the firehose must deliver this share of the target
 BACKLOG_SECONDS = 2.0           # queue backlog allowed at the end of a step, in seconds of input
+REFERENCE_RUNS = 3              # reference rates (server, ceiling) are the median of this many windows
 
 
 def say(msg: str) -> None:
@@ -260,20 +263,25 @@ def measure_send(fh: Firehoses, exchanges, seconds: float) -> float:
     return (s1 - s0) / (t1 - t0)
 
 
-def reference(fh: Firehoses, exchanges, mode: str, seconds: float, plain: bool = False) -> dict:
+def reference(fh: Firehoses, exchanges, mode: str, seconds: float, plain: bool = False,
+              runs: int = REFERENCE_RUNS) -> dict:
+    """The readers' rate: the median of `runs` windows of `seconds` (one window is ±10 % here)."""
     clients = Clients(mode, fh.urls(exchanges), plain)
+    rates, cpus = [], []
     try:
         fh.wait_subscribed(exchanges)
-        cpu0 = clients.ps.cpu_times()
-        t0 = time.monotonic()
-        rate = measure_send(fh, exchanges, seconds)
-        cpu1 = clients.ps.cpu_times()
-        cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (time.monotonic() - t0) * 100
+        for _ in range(runs):
+            cpu0 = clients.ps.cpu_times()
+            t0 = time.monotonic()
+            rates.append(measure_send(fh, exchanges, seconds))
+            cpu1 = clients.ps.cpu_times()
+            cpus.append((cpu1.user + cpu1.system - cpu0.user - cpu0.system) / (time.monotonic() - t0) * 100)
     finally:
         clients.close()
     time.sleep(0.5)      # the firehoses notice the closed sockets
-    return {"frames_per_s": round(rate), "connections": clients.ready["connections"],
-            "streams": clients.ready["streams"], "cpu_pct": round(cpu)}
+    return {"frames_per_s": round(statistics.median(rates)), "runs": [round(r) for r in rates],
+            "connections": clients.ready["connections"], "streams": clients.ready["streams"],
+            "cpu_pct": round(statistics.median(cpus))}
 
 
 def drain(collectors: list[Collector], timeout: float = 60.0) -> None:
@@ -474,6 +482,7 @@ def main(argv=None) -> int:
     args.max_steps = args.max_steps or (1 if args.smoke else 4 if quick else 6)
     args.precision = args.precision or (0.15 if quick else 0.07)
     ref_s = 1.0 if args.smoke else 2.0 if quick else 8.0
+    ref_runs = 1 if args.smoke else REFERENCE_RUNS
     if args.smoke:
         args.skip_three = args.skip_per_process = True
     single = (args.exchange,)
@@ -490,7 +499,7 @@ def main(argv=None) -> int:
             for name, mode, plain in (("raw socket sink", "raw", False),
                                       ("websocket-client reading (no buffer, select per frame)", "noop", True),
                                       ("feed.py buffered reading", "noop", False)):
-                r = reference(fh, single, mode, ref_s, plain)
+                r = reference(fh, single, mode, ref_s, plain, runs=ref_runs)
                 result[name] = r["frames_per_s"]
                 say(f"{name}: {r['frames_per_s']:,} frames/s ({r['connections']} connections, cpu {r['cpu_pct']}%)")
         finally:
@@ -500,12 +509,12 @@ def main(argv=None) -> int:
         say(json.dumps(result))
         return 0
     try:
-        server = reference(fh, single, "raw", ref_s)
+        server = reference(fh, single, "raw", ref_s, runs=ref_runs)
         say(f"server (firehose -> raw socket sink, {args.exchange}): {server['frames_per_s']:,} frames/s")
-        ceiling = reference(fh, single, "noop", ref_s)
+        ceiling = reference(fh, single, "noop", ref_s, runs=ref_runs)
         ceil = ceiling["frames_per_s"]
         say(f"ceiling (feed.py sockets, no-op callback, {args.exchange}, {ceiling['connections']} "
-            f"connections): {ceil:,} frames/s, cpu {ceiling['cpu_pct']}%")
+            f"connections): {ceil:,} frames/s (median of {ceiling['runs']}), cpu {ceiling['cpu_pct']}%")
         say(f"e2e ({args.exchange}, one collector process):")
         e2e = search(fh, single, [single], workdir, "e2e", 2000 if args.smoke else 0.6 * ceil, args)
         final = e2e["final"]
@@ -545,11 +554,11 @@ def main(argv=None) -> int:
             "reconciled": e2e.get("reconciled"),
         }
         if not args.skip_three:
-            server3 = reference(fh, EXCHANGES, "raw", ref_s)
-            ceiling3 = reference(fh, EXCHANGES, "noop", ref_s)
+            server3 = reference(fh, EXCHANGES, "raw", ref_s, runs=ref_runs)
+            ceiling3 = reference(fh, EXCHANGES, "noop", ref_s, runs=ref_runs)
             c3 = ceiling3["frames_per_s"]
             say(f"three exchanges: server {server3['frames_per_s']:,} frames/s; ceiling {c3:,} frames/s "
-                f"({ceiling3['connections']} connections in one process)")
+                f"(median of {ceiling3['runs']}; {ceiling3['connections']} connections in one process)")
             say("e2e (three exchanges, one collector process):")
             e3 = search(fh, EXCHANGES, [EXCHANGES], workdir, "three", 0.6 * c3, args)
             load.append(os.getloadavg()[0])

@@ -85,7 +85,8 @@ def book_side_ok(side: str, width: int = 2) -> pc.Expression:
 
 def kinds_by_regex(cols, pattern: str) -> pa.Array:
     """The named group `kind` of `pattern` (anchored at the frame's start) per frame, "" if none."""
-    return pc.fill_null(pc.struct_field(pc.extract_regex(cols.payload, pattern), "kind"), "")
+    kind = pc.coalesce(pc.struct_field(pc.extract_regex(F("payload"), pattern), "kind"), pa.scalar(""))
+    return _plan(pa.table({"payload": cols.payload}), None, [kind], ["kind"]).column("kind").combine_chunks()
 
 
 def ndjson(payloads: pa.Array) -> pa.Buffer:
@@ -105,49 +106,85 @@ def _plan(table: pa.Table, where: pc.Expression | None, exprs: list, names: list
     return acero.Declaration.from_sequence(nodes).to_table(use_threads=False)
 
 
-def _map_values(values: pa.ChunkedArray, fn: Callable[[str], str]) -> pa.Array:
-    """fn applied to each distinct value (symbols -> unified instruments: a few hundred at most)."""
-    distinct = pc.unique(values)
-    mapped = pa.array([fn(v) for v in distinct.to_pylist()], type=STRING)
-    return mapped.take(pc.index_in(values, value_set=distinct))
+class Instruments:
+    """symbol -> unified instrument for one exchange, kept as Arrow arrays: the rows' plan looks
+    each symbol up (`index_in`, inside the plan) and the instrument column is a dictionary array
+    over the known instruments (cast to string by the dataset's projection). `unified` runs once
+    per symbol ever seen, and a chunk costs no extra Arrow call (each one must win the GIL back)."""
+
+    def __init__(self, unified: Callable[[str], str]):
+        self.unified = unified
+        self.symbols = pa.array([], type=STRING)
+        self.instruments = pa.array([], type=STRING)
+
+    def lookup(self, symbol: pc.Expression) -> pc.Expression:
+        return pc.index_in(symbol, value_set=self.symbols)
+
+    def column(self, rows: pa.Table) -> pa.ChunkedArray:
+        """rows with "$symbol" and "$symbol_index" (`lookup` of the symbol) -> the instrument column."""
+        index = rows.column("$symbol_index")
+        if index.null_count > rows.column("$symbol").null_count:      # a symbol not seen before
+            known = set(self.symbols.to_pylist())
+            new = [v for v in pc.unique(rows.column("$symbol")).to_pylist() if v is not None and v not in known]
+            self.symbols = pa.concat_arrays([self.symbols, pa.array(new, type=STRING)])
+            self.instruments = pa.concat_arrays([self.instruments,
+                                                 pa.array([self.unified(v) for v in new], type=STRING)])
+            index = pc.index_in(rows.column("$symbol"), value_set=self.symbols)
+        return pa.chunked_array([pa.DictionaryArray.from_arrays(chunk, self.instruments, safe=False)
+                                 for chunk in index.chunks],
+                                type=pa.dictionary(pa.int32(), STRING))
+
+
+_INSTRUMENTS: dict = {}     # unified function -> Instruments (the writer thread's memo)
 
 
 def parse_batch(cols, kinds: pa.Array, specs: dict[str, Kind], exchange: str,
                 unified: Callable[[str], str]) -> BatchResult:
-    """schema.FrameColumns of a chunk + each frame's kind -> BatchResult."""
-    meta = pa.table({"ts_recv": cols.ts_recv, "conn_id": cols.conn_id, "recv_seq": cols.recv_seq})
+    """schema.FrameColumns of a chunk + each frame's kind -> BatchResult.
+
+    The chunk is grouped by kind with one stable sort, so each kind is a zero-copy slice; `$pos`
+    carries each frame's position in the chunk (the leftovers are positions)."""
+    order = pc.sort_indices(kinds)
+    meta = pa.table({"ts_recv": cols.ts_recv, "conn_id": cols.conn_id, "recv_seq": cols.recv_seq}).take(order)
+    meta = meta.append_column("$pos", order)
+    payloads = cols.payload.take(order)
+    counts = pc.value_counts(kinds)
+    instruments = _INSTRUMENTS.get(unified) or _INSTRUMENTS.setdefault(unified, Instruments(unified))
     tables: dict[str, list] = {}
-    handled: list = []
-    last_seen: dict[str, int] = {}
-    for kind in pc.unique(kinds).to_pylist():
+    taken_frames: list = []
+    leftover: list = []
+    start = 0
+    for kind, n in sorted(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())):
+        group_pos = order.slice(start, n)
         spec = specs.get(kind)
-        if spec is None:
+        built = None
+        if spec is not None:
+            try:
+                built, frames = _group(spec, payloads.slice(start, n), meta.slice(start, n), exchange, instruments)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, schema.RowError,
+                    OverflowError):
+                built = None                               # the whole group goes to `parse`
+        start += n
+        if built is None:
+            leftover.append(group_pos)
             continue
-        idx = pc.indices_nonzero(pc.equal(kinds, kind))
-        try:
-            built, frames = _group(spec, cols.payload.take(idx), meta.take(idx), exchange, unified)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, schema.RowError,
-                OverflowError):
-            continue                                   # the whole group goes to `parse`
         for ds, table in built.items():
             if table.num_rows:
                 tables.setdefault(ds, []).append(table)
-        handled.extend(frames.column("recv_seq").chunks)
-        latest = frames.group_by("stream").aggregate([("ts_recv", "max")])
-        for key, t in zip(latest.column("stream").to_pylist(), latest.column("ts_recv_max").to_pylist()):
-            if t > last_seen.get(key, 0):
-                last_seen[key] = t
-    if handled:
-        # chunks, not ChunkedArrays: pa.chunked_array() would convert those value by value in Python
-        done = pc.is_in(cols.recv_seq, value_set=pa.chunked_array(handled, type=INT).combine_chunks())
-        leftover = pc.indices_nonzero(pc.invert(done)).to_pylist()
-    else:
-        leftover = list(range(len(cols)))
-    return BatchResult(tables, leftover, last_seen)
+        taken_frames.append(frames)
+        if frames.num_rows < n:                            # some frames of the kind were refused
+            taken = frames.column("$pos").combine_chunks()
+            leftover.append(pc.filter(group_pos, pc.invert(pc.is_in(group_pos, value_set=taken))))
+    last_seen: dict[str, int] = {}
+    if taken_frames:
+        latest = pa.concat_tables(taken_frames).group_by("$stream").aggregate([("ts_recv", "max")])
+        last_seen = dict(zip(latest.column("$stream").to_pylist(), latest.column("ts_recv_max").to_pylist()))
+    positions = sorted(p for part in leftover for p in part.to_pylist())
+    return BatchResult(tables, positions, last_seen)
 
 
-def _group(spec: Kind, payloads: pa.Array, meta: pa.Table, exchange: str, unified):
-    """One kind's frames -> ({dataset: table}, the frames taken: recv_seq, ts_recv, stream)."""
+def _group(spec: Kind, payloads: pa.Array, meta: pa.Table, exchange: str, instruments: Instruments):
+    """One kind's frames -> ({dataset: table}, the frames taken: $pos, ts_recv, $stream)."""
     text = ndjson(payloads)
     parsed = pj.read_json(pa.BufferReader(text), parse_options=spec.options,
                           read_options=pj.ReadOptions(use_threads=False,
@@ -157,8 +194,11 @@ def _group(spec: Kind, payloads: pa.Array, meta: pa.Table, exchange: str, unifie
     frames = parsed.flatten()
     frames = pa.Table.from_arrays(frames.columns + meta.columns, names=frames.column_names + meta.column_names)
     if spec.items is None:
-        rows_in = frames
-        taken = spec.valid
+        # one plan: the frames `parse` would take, every field, their symbol and stream key
+        rows_in = _plan(frames, spec.valid, [F(n) for n in frames.column_names]
+                        + [spec.symbol, instruments.lookup(spec.symbol), spec.stream],
+                        frames.column_names + ["$symbol", "$symbol_index", "$stream"])
+        taken_frames = rows_in.select(["$pos", "ts_recv", "$stream"])
     else:
         # one row per item: the item's fields ("item.<name>") next to its frame's fields; a frame
         # is taken only if its list is there and every item is valid (`parse` builds a frame's
@@ -172,15 +212,17 @@ def _group(spec: Kind, payloads: pa.Array, meta: pa.Table, exchange: str, unifie
             rows_in.columns + items.columns + [flat.is_valid()],
             names=rows_in.column_names + ["item." + n for n in items.column_names] + ["$item"])
         valid = F("$item") if spec.valid is None else F("$item") & spec.valid   # an object, as parse needs
-        checked = _plan(rows_in, None, [F("recv_seq"), valid], ["recv_seq", "ok"])
-        bad = pc.unique(pc.filter(checked.column("recv_seq"), pc.invert(pc.fill_null(checked.column("ok"), False))))
-        taken = F(spec.items).is_valid() & ~F("recv_seq").isin(bad)
-        rows_in = rows_in.filter(pc.invert(pc.is_in(rows_in.column("recv_seq"), value_set=bad))) if len(bad) else rows_in
-    taken_frames = _plan(frames, taken, [F("recv_seq"), F("ts_recv"), spec.stream],
-                         ["recv_seq", "ts_recv", "stream"])
-    rows_in = _plan(rows_in, taken if spec.items is None else None,     # items: filtered above
-                    [F(n) for n in rows_in.column_names] + [spec.symbol], rows_in.column_names + ["$symbol"])
-    rows_in = rows_in.append_column("$instrument", _map_values(rows_in.column("$symbol"), unified))
+        rows_in = _plan(rows_in, None, [F(n) for n in rows_in.column_names]
+                        + [spec.symbol, instruments.lookup(spec.symbol), valid],
+                        rows_in.column_names + ["$symbol", "$symbol_index", "$ok"])
+        ok = rows_in.column("$ok")
+        taken = F(spec.items).is_valid()
+        if ok.null_count or sum(chunk.false_count for chunk in ok.chunks):
+            bad = pc.unique(pc.filter(rows_in.column("$pos"), pc.invert(pc.fill_null(ok, False))))
+            taken = taken & ~F("$pos").isin(bad)
+            rows_in = rows_in.filter(pc.invert(pc.is_in(rows_in.column("$pos"), value_set=bad)))
+        taken_frames = _plan(frames, taken, [F("$pos"), F("ts_recv"), spec.stream], ["$pos", "ts_recv", "$stream"])
+    rows_in = rows_in.append_column("$instrument", instruments.column(rows_in))
     built = {}
     for ds, rows in spec.rows.items():
         columns = {"symbol": "$symbol", "instrument": "$instrument", "ts_recv": "ts_recv",
