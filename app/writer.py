@@ -34,12 +34,6 @@ from app.exchanges import RowSink
 
 log = logs.get()
 
-# Arrow's default allocator (jemalloc) keeps freed pages around for reuse: ~45 MB more resident
-# memory at 40k frames/s for no measurable speed gain here (bench/writer.py, bench/run.py). The
-# system allocator gives them back. Process-wide; ARROW_DEFAULT_MEMORY_POOL, if set, still wins.
-if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
-    pa.set_memory_pool(pa.system_memory_pool())
-
 SPOOL_SUFFIX = ".arrows"
 PARSE_INTERVAL_S = 0.5      # pending frames (and so control messages) wait at most this long
 BATCH_MIN_FRAMES = 64       # below this, per-frame parsing is cheaper than the Arrow set-up
