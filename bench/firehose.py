@@ -52,6 +52,7 @@ from sim.core import ws_frame  # noqa: E402
 MIX = {"bbo": 0.75, "trades": 0.18, "other": 0.07}   # share of frames per kind, per exchange
 CORPUS_FRAMES = 16384         # pre-encoded frames per connection (~3 MB), sent cyclically
 TICK_S = 0.002                # pump period
+IDLE_TICK_S = 0.05            # pump period while every rate is 0
 BURST_S = 0.05                # a blocked connection keeps at most this much credit
 BUFFER_LIMIT = 1 << 20        # bytes queued in a transport: beyond, the reader is behind
 OTHER_VARIANTS = 6            # periodic frames (mark price, tickers...) per topic
@@ -283,7 +284,10 @@ class Firehose:
         last = time.monotonic()
         next_refresh = 0.0
         while True:
-            await asyncio.sleep(TICK_S)
+            # idle (rate 0, e.g. another exchange's phase): tick slowly, the CPU belongs to the
+            # processes being measured on the same cores
+            busy = any(f.rate for p in self.pumps.values() for f in p.feeds.values())
+            await asyncio.sleep(TICK_S if busy else IDLE_TICK_S)
             now = time.monotonic()
             dt, last = min(now - last, 0.1), now
             try:
