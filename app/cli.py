@@ -2,12 +2,31 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import sys
 
 from app import logs, settings as settings_mod
 
 
+def tune_malloc() -> None:
+    """A fixed glibc mmap threshold (call before threads start; no-op elsewhere than glibc).
+
+    Arrow's buffers (system allocator: app/__init__.py) are often megabytes and short-lived, the
+    finalizer's row groups ~16 MB. After each such free glibc raises its mmap threshold (up to
+    32 MB), so later big buffers come from heap arenas whose freed pages stay resident: RSS then
+    creeps after every Parquet rotation. A fixed threshold keeps big buffers mmapped (returned to
+    the system on free) and two arenas bound the rest."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold, m_arena_max = -3, -8
+    libc.mallopt(m_mmap_threshold, 256 * 1024)
+    libc.mallopt(m_arena_max, 2)
+
+
 def collector_main(argv: list[str]) -> int:
+    tune_malloc()
     p = argparse.ArgumentParser(prog="collector", description="Record exchange WebSocket data as RAW Parquet.")
     p.add_argument("--symbols", help="comma separated; ALL = every USDT/USDC linear perpetual")
     p.add_argument("--exchanges", help="comma separated: binance,bybit,okx")
