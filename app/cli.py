@@ -9,19 +9,23 @@ from app import logs, settings as settings_mod
 
 
 def tune_malloc() -> None:
-    """A fixed glibc mmap threshold (call before threads start; no-op elsewhere than glibc).
+    """Fixed glibc malloc thresholds (call before threads start; no-op elsewhere than glibc).
 
     Arrow's buffers (system allocator: app/__init__.py) are often megabytes and short-lived, the
     finalizer's row groups ~16 MB. After each such free glibc raises its mmap threshold (up to
-    32 MB), so later big buffers come from heap arenas whose freed pages stay resident: RSS then
-    creeps after every Parquet rotation. A fixed threshold keeps big buffers mmapped (returned to
-    the system on free) and two arenas bound the rest."""
+    32 MB), so later big buffers come from heap arenas whose freed pages stay resident: RSS
+    crept after every Parquet rotation (60k frames/s: 186-263 MB over 10 minutes, budget 190).
+    Fixed: buffers of 1 MB and more are mmapped (returned on free), the heap is trimmed above
+    8 MB free, two arenas. Measured (bench/rss.py, 60k frames/s, 4 min): 153-166 MB, rotation
+    peaks to 200. A 256 KiB threshold held RSS as well but doubled the writer's system time
+    (page faults), 4 MB let it creep (185-220 MB)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    m_mmap_threshold, m_arena_max = -3, -8
-    libc.mallopt(m_mmap_threshold, 256 * 1024)
+    m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
+    libc.mallopt(m_mmap_threshold, 1 << 20)
+    libc.mallopt(m_trim_threshold, 8 << 20)
     libc.mallopt(m_arena_max, 2)
 
 
