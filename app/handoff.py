@@ -8,8 +8,9 @@ dropped and counted per frame (each dropped frame already holds its recv_seq, so
 recv_seq are exactly the drops) and the socket thread never blocks.
 
 Why columns: a tuple per frame cost the socket thread ~0.2 us more per frame (allocation and
-garbage-collector tracking of millions of short-lived tuples) and the writer ~0.4 us to take
-them apart again; int64 arrays become Arrow columns without a per-value conversion.
+garbage-collector tracking of millions of short-lived tuples) and the writer ~0.2 us to take
+them apart again (schema.frame_columns: 580 -> 381 ns per frame, 50k frames in process);
+int64 arrays become Arrow columns without a per-value conversion.
 """
 from __future__ import annotations
 
@@ -34,11 +35,6 @@ class FrameBatch:
 
     def head(self, n: int) -> "FrameBatch":
         return FrameBatch(self.exchange, self.conn_id, self.recv_seq[:n], self.ts_recv[:n], self.payloads[:n])
-
-    def items(self):
-        """(exchange, conn_id, recv_seq, ts_recv, payload) per frame: the adapters' `parse` input."""
-        ex, cid = self.exchange, self.conn_id
-        return [(ex, cid, s, t, p) for s, t, p in zip(self.recv_seq, self.ts_recv, self.payloads)]
 
 
 class Stamps:
@@ -71,6 +67,20 @@ def from_items(items) -> list[FrameBatch]:
         b.recv_seq.append(seq)
         b.ts_recv.append(ts)
         b.payloads.append(payload)
+    return out
+
+
+def items_at(batches: list[FrameBatch], positions) -> list[tuple]:
+    """(exchange, conn_id, recv_seq, ts_recv, payload) of the frames at these positions
+    (ascending) of the batches taken together: the adapters' per-frame `parse` input."""
+    out, it, start = [], iter(batches), 0
+    b = next(it, None)
+    for pos in positions:
+        while pos >= start + len(b):
+            start += len(b)
+            b = next(it)
+        i = pos - start
+        out.append((b.exchange, b.conn_id, b.recv_seq[i], b.ts_recv[i], b.payloads[i]))
     return out
 
 

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from app import logs, schema
-from app.handoff import FrameQueue
+from app.handoff import FrameQueue, items_at
 from app.exchanges import RowSink
 
 log = logs.get()
@@ -40,19 +40,6 @@ BATCH_MIN_FRAMES = 64       # below this, per-frame parsing is cheaper than the 
 MAX_CHUNK_FRAMES = 50_000   # frames parsed at once: bounds the Arrow memory of a writer catching up
 ROW_GROUP_BYTES = 16 * 1024 * 1024   # Arrow bytes per Parquet row group: bounds the finalizer's memory
 _SEP = "~"
-
-
-def _items_at(ex: str, batches: list, positions: list[int]) -> list[tuple]:
-    """The queue-item tuples at these positions (ascending) of the batches' frames."""
-    out, it, start = [], iter(batches), 0
-    b = next(it, None)
-    for pos in positions:
-        while b is not None and pos >= start + len(b):
-            start += len(b)
-            b = next(it, None)
-        i = pos - start
-        out.append((ex, b.conn_id, b.recv_seq[i], b.ts_recv[i], b.payloads[i]))
-    return out
 
 
 def _date_of_day(day: int) -> str:
@@ -395,8 +382,7 @@ class Writer(threading.Thread):
             self.state.count("frames_non_utf8", ex, cols.bad_utf8)
         parts: dict[str, list] = {"frames": [schema.frames_table_from(ex, cols)]}
         leftover = self._parse_batch(ex, cols, parts) if len(cols) >= BATCH_MIN_FRAMES else None
-        items = ([item for b in batches for item in b.items()] if leftover is None
-                 else _items_at(ex, batches, leftover))
+        items = items_at(batches, range(len(cols)) if leftover is None else leftover)
         self._parse_each(ex, items, parts)
         self._spool_parts(ex, cols, parts)
 
