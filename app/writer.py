@@ -1,8 +1,8 @@
 """The writer thread: queue -> adapters (in batches) -> Arrow -> spool -> Parquet.
 
 Speed: frames are taken from the queue all at once and parsed in chunks (every
-PARSE_INTERVAL_S): the payloads become one Arrow string column, the adapter's `parse_batch`
-turns them into typed tables with Arrow's JSON reader and compute functions (C++, outside the
+PARSE_INTERVAL_S, or once writer_batch frames wait): the payloads become one Arrow string
+column, the adapter's `parse_batch` turns them into typed tables with Arrow's JSON reader and compute functions (C++, outside the
 GIL, so the socket threads keep reading meanwhile), and only what it cannot handle goes through
 the per-frame `parse`. Each chunk's tables are appended to the spools at once, so memory holds
 one chunk, not a flush interval.
@@ -37,7 +37,6 @@ log = logs.get()
 SPOOL_SUFFIX = ".arrows"
 PARSE_INTERVAL_S = 0.5      # pending frames (and so control messages) wait at most this long
 BATCH_MIN_FRAMES = 64       # below this, per-frame parsing is cheaper than the Arrow set-up
-MAX_CHUNK_FRAMES = 50_000   # frames parsed at once: bounds the Arrow memory of a writer catching up
 ROW_GROUP_BYTES = 16 * 1024 * 1024   # Arrow bytes per Parquet row group: bounds the finalizer's memory
 _SEP = "~"
 
@@ -287,7 +286,7 @@ class Writer(threading.Thread):
             if now >= next_parse:              # control messages wait at most PARSE_INTERVAL_S
                 self.parse_pending()
                 next_parse = now + PARSE_INTERVAL_S
-            if now >= next_flush or self._pending_frames >= s.writer_batch * 5:
+            if now >= next_flush or self._pending_frames >= s.writer_batch * 2:
                 self.flush()
                 next_flush = now + s.flush_interval
             if now >= next_rotate:
@@ -330,9 +329,13 @@ class Writer(threading.Thread):
     # ---- per batch -----------------------------------------------------------------------------
     def process(self, batches) -> None:
         """FrameBatches from the queue -> per-exchange pending lists, parsed in chunks
-        (`parse_pending`: every PARSE_INTERVAL_S, at flush, or here once 5 x writer_batch frames
-        wait). Big chunks keep the number of Arrow calls per frame low: each call releases the
-        GIL and must win it back from the socket threads."""
+        (`parse_pending`: every PARSE_INTERVAL_S, at flush, or here once writer_batch frames
+        wait). Chunks grow with the backlog: each Arrow call releases the GIL and must win it
+        back from busy socket threads (up to the 5 ms switch interval; ~65 calls per Binance
+        chunk), so a writer that falls behind takes more frames at once and spends fewer
+        hand-backs per frame. Capped at 50k frames, it fell behind for good at 95k frames/s
+        (queue full within a minute); capped at writer_batch (100k), it stays within ~1-2 s,
+        while at moderate rates chunks stay small (memory: one 0.5 s chunk)."""
         if not batches:
             return
         if self._pending_since_ns is None:
@@ -346,13 +349,14 @@ class Writer(threading.Thread):
         self._pending_frames += n
         self._unparsed += n
         self.frames_processed += n
-        if self._unparsed >= self.settings.writer_batch * 5:
+        if self._unparsed >= self.settings.writer_batch:
             self.parse_pending()
 
     def parse_pending(self) -> None:
         """Parse what is pending and append it to the spools (fsynced at the next flush), in
-        chunks of at most MAX_CHUNK_FRAMES: only one chunk of Arrow data is ever in memory."""
+        chunks of at most writer_batch frames: only one chunk of Arrow data is ever in memory."""
         accepting = self.storage.accepting()
+        chunk_frames = self.settings.writer_batch
         for ex, batches in self.pending.items():
             if not batches:
                 continue
@@ -364,7 +368,7 @@ class Writer(threading.Thread):
             for b in batches:
                 chunk.append(b)
                 size += len(b)
-                if size >= MAX_CHUNK_FRAMES:
+                if size >= chunk_frames:
                     self._parse_chunk(ex, chunk)
                     chunk, size = [], 0
             if chunk:

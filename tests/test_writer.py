@@ -94,3 +94,23 @@ def test_run_drains_queue_on_stop(tmp_path):
     files = glob.glob(str(tmp_path / "raw/v1/bbo/**/*.parquet"), recursive=True)
     assert sum(pq.read_metadata(p).num_rows for p in files) == 50
     assert state.total("rows_written", "binance", "bbo") == 50
+
+
+def test_backlog_is_parsed_in_chunks_of_writer_batch(tmp_path):
+    """A writer behind takes bigger chunks, but not more than writer_batch frames at once (give
+    or take one socket micro-batch: the bound on its Arrow memory); every frame lands, in order."""
+    import pyarrow as pa
+    w, q, state, _ = make_writer(tmp_path, writer_batch=100)
+    # micro-batches of 50 frames, as two connections hand them over in turn
+    frames = [(ex, 1 + (seq - 1) // 50 % 2, seq, ts, payload) for ex, _c, seq, ts, payload in items(350)]
+    w.process(from_items(frames[:60]))         # below writer_batch: waits for the parse interval
+    assert not glob.glob(str(tmp_path / "spool" / "bbo~*.arrows"))
+    w.process(from_items(frames[60:]))         # a backlog of 350: parsed now, in chunks
+    spools = glob.glob(str(tmp_path / "spool" / "bbo~*.arrows"))
+    assert len(spools) == 1
+    with pa.OSFile(spools[0], "rb") as f:
+        batches = list(pa.ipc.open_stream(f))
+    assert [b.num_rows for b in batches] == [100, 100, 100, 50]
+    ids = [v for b in batches for v in b.column(b.schema.get_field_index("update_id")).to_pylist()]
+    assert ids == list(range(1, 351))
+    assert state.total("rows_written", "binance", "bbo") == 350

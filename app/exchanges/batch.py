@@ -89,12 +89,17 @@ def kinds_by_regex(cols, pattern: str) -> pa.Array:
     return _plan(pa.table({"payload": cols.payload}), None, [kind], ["kind"]).column("kind").combine_chunks()
 
 
-def ndjson(payloads: pa.Array) -> pa.Buffer:
-    """Newline-delimited JSON of string values: the input of pyarrow.json.read_json."""
-    joined = pc.binary_join_element_wise(payloads, "", "\n")      # each value + "\n"
-    offsets = memoryview(joined.buffers()[1]).cast("i")           # int32 value offsets
-    first, last = offsets[joined.offset], offsets[joined.offset + len(joined)]
-    return joined.buffers()[2].slice(first, last - first)
+def lines_of(payloads: pa.Array) -> pa.Array:
+    """Each string value followed by a newline: any slice of it is one `ndjson` buffer."""
+    return pc.binary_join_element_wise(payloads, "", "\n")
+
+
+def ndjson(lines: pa.Array) -> pa.Buffer:
+    """A slice of `lines_of(...)` as newline-delimited JSON (the input of pyarrow.json.read_json),
+    without a copy."""
+    offsets = memoryview(lines.buffers()[1]).cast("i")            # int32 value offsets
+    first, last = offsets[lines.offset], offsets[lines.offset + len(lines)]
+    return lines.buffers()[2].slice(first, last - first)
 
 
 def _plan(table: pa.Table, where: pc.Expression | None, exprs: list, names: list) -> pa.Table:
@@ -142,12 +147,13 @@ def parse_batch(cols, kinds: pa.Array, specs: dict[str, Kind], exchange: str,
                 unified: Callable[[str], str]) -> BatchResult:
     """schema.FrameColumns of a chunk + each frame's kind -> BatchResult.
 
-    The chunk is grouped by kind with one stable sort, so each kind is a zero-copy slice; `$pos`
-    carries each frame's position in the chunk (the leftovers are positions)."""
+    The chunk is grouped by kind with one stable sort and made newline-delimited in one call, so
+    each kind's JSON text is a zero-copy slice (one copy of the payloads besides the chunk's own,
+    not two); `$pos` carries each frame's position in the chunk (the leftovers are positions)."""
     order = pc.sort_indices(kinds)
     meta = pa.table({"ts_recv": cols.ts_recv, "conn_id": cols.conn_id, "recv_seq": cols.recv_seq}).take(order)
     meta = meta.append_column("$pos", order)
-    payloads = cols.payload.take(order)
+    lines = lines_of(cols.payload.take(order))
     counts = pc.value_counts(kinds)
     instruments = _INSTRUMENTS.get(unified) or _INSTRUMENTS.setdefault(unified, Instruments(unified))
     tables: dict[str, list] = {}
@@ -160,7 +166,7 @@ def parse_batch(cols, kinds: pa.Array, specs: dict[str, Kind], exchange: str,
         built = None
         if spec is not None:
             try:
-                built, frames = _group(spec, payloads.slice(start, n), meta.slice(start, n), exchange, instruments)
+                built, frames = _group(spec, lines.slice(start, n), meta.slice(start, n), exchange, instruments)
             except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, schema.RowError,
                     OverflowError):
                 built = None                               # the whole group goes to `parse`
@@ -183,13 +189,14 @@ def parse_batch(cols, kinds: pa.Array, specs: dict[str, Kind], exchange: str,
     return BatchResult(tables, positions, last_seen)
 
 
-def _group(spec: Kind, payloads: pa.Array, meta: pa.Table, exchange: str, instruments: Instruments):
-    """One kind's frames -> ({dataset: table}, the frames taken: $pos, ts_recv, $stream)."""
-    text = ndjson(payloads)
+def _group(spec: Kind, lines: pa.Array, meta: pa.Table, exchange: str, instruments: Instruments):
+    """One kind's frames (`lines_of` their payloads) -> ({dataset: table}, the frames taken:
+    $pos, ts_recv, $stream)."""
+    text = ndjson(lines)
     parsed = pj.read_json(pa.BufferReader(text), parse_options=spec.options,
                           read_options=pj.ReadOptions(use_threads=False,
                                                       block_size=max(1 << 20, text.size + 1)))
-    if parsed.num_rows != len(payloads):
+    if parsed.num_rows != len(lines):
         raise pa.ArrowInvalid("a frame held a raw newline")
     frames = parsed.flatten()
     frames = pa.Table.from_arrays(frames.columns + meta.columns, names=frames.column_names + meta.column_names)
