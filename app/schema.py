@@ -337,11 +337,12 @@ def check_table(dataset: str, table: pa.Table) -> pa.Table:
 # interleave and per-symbol sequences (update ids, trade ids, event times) are not monotone in a
 # file: plain + zstd beats delta encoding for them. Dictionary only where values repeat a lot.
 _DICTIONARY = {"exchange", "symbol", "instrument", "side", "conn_id", "trade_count", "is_block",
-               "bid_px", "ask_px", "price",      # top-of-book and trade prices: few ticks apart
-               "bid_sz", "ask_sz"}               # top-of-book sizes: OKX's are contract counts
-# bbo sizes as dictionary (20 s of the simulator's generator, bbo bytes vs plain zstd): OKX
-# 0.68 -> 0.63, Bybit 0.65 -> 0.64, Binance 0.64 -> 0.67: the worst of the three 0.68 -> 0.67
-# (0.71 in a `make bench` size phase before).
+               "bid_px", "ask_px", "price"}      # top-of-book and trade prices: few ticks apart
+# Top-of-book sizes as dictionary only where they are contract counts (OKX: few distinct values);
+# Binance and Bybit quote base-asset quantities, where the dictionary overflows and falls back
+# (20 s of the simulator's generator, bbo bytes vs plain zstd): OKX 0.68 -> 0.63, Bybit 0.65 ->
+# 0.64, Binance 0.64 -> 0.67-0.70 (a `make bench` size phase read 0.705: over the 0.70 target).
+_DICTIONARY_BY_EXCHANGE = {"okx": {"bid_sz", "ask_sz"}}
 _ENCODING = {"ts_recv": "DELTA_BINARY_PACKED", "recv_seq": "DELTA_BINARY_PACKED",  # ~monotone
              "trade_id": "DELTA_LENGTH_BYTE_ARRAY", "payload": "DELTA_LENGTH_BYTE_ARRAY"}
 # The finalizer's biggest job at each rotation is `frames` (every payload): no footer min/max for
@@ -354,12 +355,13 @@ ZSTD_LEVEL = 3
 ZSTD_LEVEL_FRAMES = 1
 
 
-def parquet_options(dataset: str) -> dict:
+def parquet_options(dataset: str, exchange: str | None = None) -> dict:
     names = SCHEMAS[dataset].names
+    dictionary = _DICTIONARY | _DICTIONARY_BY_EXCHANGE.get(exchange, set())
     return {
         "compression": "zstd",
         "compression_level": ZSTD_LEVEL_FRAMES if dataset == "frames" else ZSTD_LEVEL,
-        "use_dictionary": [n for n in names if n in _DICTIONARY],
+        "use_dictionary": [n for n in names if n in dictionary],
         "column_encoding": {n: _ENCODING[n] for n in names if n in _ENCODING},
         "write_statistics": [n for n in names if n not in _NO_STATISTICS],
     }

@@ -127,7 +127,8 @@ def _publish_tmp(tmp: str, final_path: str) -> int:
     return os.path.getsize(final_path)
 
 
-def spool_to_parquet(spool_path: str, final_path: str, dataset: str) -> tuple[int, int] | None:
+def spool_to_parquet(spool_path: str, final_path: str, dataset: str,
+                     exchange: str | None = None) -> tuple[int, int] | None:
     """Stream a spool file into Parquet, one row group of about ROW_GROUP_BYTES at a time, so
     the finalizer's memory is bounded by that, not by the rotate interval times the rate. Same
     atomic rule as write_parquet_atomic. -> (rows, bytes); (0, 0) and no file if it holds no row;
@@ -156,7 +157,7 @@ def spool_to_parquet(spool_path: str, final_path: str, dataset: str) -> tuple[in
                 rows += batch.num_rows
             if group and (batch is None or group_bytes >= ROW_GROUP_BYTES):
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp, reader.schema, **schema.parquet_options(dataset))
+                    writer = pq.ParquetWriter(tmp, reader.schema, **schema.parquet_options(dataset, exchange))
                 table = pa.Table.from_batches(group, schema=reader.schema)
                 writer.write_table(table, row_group_size=table.num_rows)
                 group, group_bytes = [], 0
@@ -196,7 +197,7 @@ class Finalizer(threading.Thread):
             rel = os.path.join(schema.partition_path(info["dataset"], info["exchange"], info["date"]),
                                parquet_name(info["instance_id"], info["run_id"], info["seq"]))
             final = os.path.join(self.data_dir, rel)
-            done = spool_to_parquet(path, final, info["dataset"])
+            done = spool_to_parquet(path, final, info["dataset"], info["exchange"])
         if done is None:
             log.error("spool_unreadable", extra={"spool": path})
             os.replace(path, path + ".bad")

@@ -159,7 +159,7 @@ def _write(base: str, ds: str, ex: str, table: pa.Table, meta: dict, fseq: int) 
     d = os.path.join(base, schema.partition_path(ds, ex, DATE))
     os.makedirs(d, exist_ok=True)
     pq.write_table(table.replace_schema_metadata(meta), os.path.join(d, f"i-bench-{RUN_ID}-{fseq:06d}.parquet"),
-                   **schema.parquet_options(ds))
+                   **schema.parquet_options(ds, ex))
     return table.num_rows
 
 

@@ -79,3 +79,21 @@ def test_metadata_keys():
     meta = schema.file_metadata("bbo", "okx", collector_version="1", instance_id="i", run_id="r")
     assert {k.decode() for k in meta} == set(schema.REQUIRED_METADATA)
     assert meta[b"schema_version"] == b"1"
+
+
+def test_parquet_options_per_dataset_and_exchange(tmp_path):
+    """Book sizes are dictionary-encoded only for OKX (contract counts); `frames` is written at
+    zstd level 1 without payload statistics; the options are accepted by pyarrow as they are."""
+    import pyarrow.parquet as pq
+    okx, binance = schema.parquet_options("bbo", "okx"), schema.parquet_options("bbo", "binance")
+    assert {"bid_sz", "ask_sz"} <= set(okx["use_dictionary"])
+    assert not {"bid_sz", "ask_sz"} & set(binance["use_dictionary"])
+    assert schema.parquet_options("bbo") == binance
+    frames = schema.parquet_options("frames")
+    assert frames["compression_level"] == 1 and binance["compression_level"] == 3
+    assert "payload" not in frames["write_statistics"] and "ts_recv" in frames["write_statistics"]
+    table, _ = schema.frames_table("okx", [("okx", 1, 1, 1_700_000_000 * 10**9, b'{"a":1}')])
+    pq.write_table(table, tmp_path / "f.parquet", **frames)
+    md = pq.read_metadata(tmp_path / "f.parquet").row_group(0)
+    stats = {md.column(i).path_in_schema: md.column(i).is_stats_set for i in range(md.num_columns)}
+    assert stats["ts_recv"] and not stats["payload"]
