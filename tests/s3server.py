@@ -113,13 +113,15 @@ class S3Server(ThreadedMotoServer):
                 out[o["Key"]] = o["Size"]
         return out
 
-    def request_counts(self, bucket: str) -> Counter:
-        """Per object key: how many single PUTs and completed multipart uploads it received."""
+    def request_counts(self, bucket: str, requests: list | None = None) -> Counter:
+        """Per object key: how many single PUTs and completed multipart uploads it received
+        (among `requests`, a slice of self.requests; default all)."""
         c: Counter = Counter()
         start = f"/{bucket}/"
-        with self._lock:
-            reqs = list(self.requests)
-        for method, path, query in reqs:
+        if requests is None:
+            with self._lock:
+                requests = list(self.requests)
+        for method, path, query in requests:
             if not path.startswith(start):
                 continue
             key = path[len(start):]
