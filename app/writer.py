@@ -2,9 +2,9 @@
 
 Speed: frames are taken from the queue all at once and parsed in chunks (every
 PARSE_INTERVAL_S, or once writer_batch frames wait): the payloads become one Arrow string
-column, the adapter's `parse_batch` turns them into typed tables with Arrow's JSON reader and compute functions (C++, outside the
-GIL, so the socket threads keep reading meanwhile), and only what it cannot handle goes through
-the per-frame `parse`. Each chunk's tables are appended to the spools at once, so memory holds
+column, the adapter's `parse_batch` turns them into typed tables with Arrow's JSON reader and
+compute functions (C++, outside the GIL, so the socket threads keep reading meanwhile), and
+only what it cannot handle goes through the per-frame `parse`. Each chunk's tables are appended to the spools at once, so memory holds
 one chunk, not a flush interval.
 
 Durability: rows are appended, as Arrow record batches, to one spool file (Arrow IPC stream) per
@@ -128,7 +128,7 @@ def _publish_tmp(tmp: str, final_path: str) -> int:
 
 
 def spool_to_parquet(spool_path: str, final_path: str, dataset: str,
-                     exchange: str | None = None) -> tuple[int, int] | None:
+                     exchange: str) -> tuple[int, int] | None:
     """Stream a spool file into Parquet, one row group of about ROW_GROUP_BYTES at a time, so
     the finalizer's memory is bounded by that, not by the rotate interval times the rate. Same
     atomic rule as write_parquet_atomic. -> (rows, bytes); (0, 0) and no file if it holds no row;

@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     later = [r for t, r in samples if t >= 120] or [r for _t, r in samples]
     bench.say(json.dumps({"exchange": args.exchange, "rate": args.rate, "seconds": args.seconds,
-                          "budget_mb": 100 + 15 * args.rate / 10_000,
+                          "budget_mb": bench.rss_budget_mb(args.rate),
                           "rss_min_mb": min(later), "rss_max_mb": max(later), "rss_end_mb": later[-1],
                           "peak_rss_mb": round(collector.peak_rss / 2**20, 1),
                           "peak_queue": max((x["queue_size"] for x in collector.samples), default=0),

@@ -20,8 +20,8 @@ the 1-minute load average is printed with every step because other processes sha
     (queue backlog at the end of the step under 2 s of input). Without --quick the best rate
     must then be sustained for --confirm-step (30 s) on a fresh collector (so a failed step's
     backlog does not inflate memory; if it fails, 90 % of the last rate tried, up to
-    CONFIRM_ATTEMPTS runs), and that run's figures
-    are reported: frames/s, rows/s, CPU %, peak RSS, peak queue utilisation, writer lag p99.
+    CONFIRM_ATTEMPTS runs), and that run's figures are reported: frames/s, rows/s, CPU %,
+    peak RSS, peak queue utilisation, writer lag p99.
  4. sizes: Parquet bytes per row per dataset and exchange, and our size vs plain
     `pq.write_table(same table, compression="zstd")`, on realistic data (size_phase says why).
  5. three: all three exchanges in one collector process vs the same three-exchange ceiling.
@@ -59,6 +59,11 @@ PASS_SEND_RATIO = 0.97          # the firehose must deliver this share of the ta
 BACKLOG_SECONDS = 2.0           # queue backlog allowed at the end of a step, in seconds of input
 REFERENCE_RUNS = 3              # reference rates (server, ceiling) are the median of this many windows
 CONFIRM_ATTEMPTS = 3            # 30 s confirmation runs: the search's best, then 90 %, 81 %
+
+
+def rss_budget_mb(frames_per_s: float) -> float:
+    """The issue's memory budget: 100 MB + 15 MB per 10 000 frames/s."""
+    return round(100 + 15 * frames_per_s / 10_000, 1)
 
 
 def say(msg: str) -> None:
@@ -520,10 +525,13 @@ def main(argv=None) -> int:
         say(f"e2e ({args.exchange}, one collector process):")
         e2e = search(fh, single, [single], workdir, "e2e", 2000 if args.smoke else 0.6 * ceil, args)
         final = e2e["final"]
+        # the budget at the rate the reported RSS was measured at (the last confirmation run's
+        # target when none held, not 0)
+        budget = rss_budget_mb(final.get("target") or e2e["frames_per_s"])
         load.append(os.getloadavg()[0])
         say(f"e2e: {e2e['frames_per_s']:,} frames/s ({final.get('rows_per_s', 0):,} rows/s), "
             f"cpu {final.get('cpu_pct')}%, peak RSS {e2e['peak_rss_mb']} MB (budget "
-            f"{100 + 15 * e2e['frames_per_s'] / 10_000:.0f}), peak queue {final.get('peak_queue_util')}, "
+            f"{budget:.0f}), peak queue {final.get('peak_queue_util')}, "
             f"writer lag p99 {final.get('lag_p99_s')}s; {e2e['frames_per_s'] / ceil if ceil else 0:.2f} x ceiling")
         if args.smoke:       # sizes of what the e2e step wrote (the firehose's repeated corpus)
             all_sizes = {args.exchange: parquet_sizes(e2e["data_dir"], args.exchange)}
@@ -549,7 +557,7 @@ def main(argv=None) -> int:
             "cpu_pct": final.get("cpu_pct"),
             "peak_queue_util": final.get("peak_queue_util"),
             "writer_lag_p99_s": final.get("lag_p99_s"),
-            "rss_budget_mb": round(100 + 15 * e2e["frames_per_s"] / 10_000, 1),
+            "rss_budget_mb": budget,
             "server_vs_ceiling": round(server["frames_per_s"] / ceil, 1) if ceil else 0.0,
             "confirmed": e2e["confirmed"],
             "search_best_frames_per_s": e2e["search_best"],
