@@ -114,3 +114,39 @@ def test_backlog_is_parsed_in_chunks_of_writer_batch(tmp_path):
     ids = [v for b in batches for v in b.column(b.schema.get_field_index("update_id")).to_pylist()]
     assert ids == list(range(1, 351))
     assert state.total("rows_written", "binance", "bbo") == 350
+
+
+def test_writer_behind_gets_a_short_gil_switch_interval_until_caught_up(tmp_path):
+    """While the oldest unparsed frame is older than BEHIND_S, the writer wins the GIL back sooner
+    (a short switch interval); once it is under CAUGHT_UP_S the interpreter's default returns."""
+    import sys
+    default = sys.getswitchinterval()
+    w, q, state, _ = make_writer(tmp_path, writer_batch=10_000)
+    now = time.time_ns()
+    try:
+        w.process(from_items(items(20, 1, ts=now - int(0.5e9))))      # 0.5 s old: keeping up
+        w._pace()
+        assert sys.getswitchinterval() == default
+        for batch in from_items(items(20, 21, ts=now - int(2e9))):      # 2 s old, still queued
+            q.put_nowait(batch)
+        w._pace()
+        assert sys.getswitchinterval() == writer_mod.BEHIND_SWITCH_S
+        w.parse_pending()
+        w.process(q.take_all())
+        w.parse_pending()
+        w.process(from_items(items(20, 41, ts=time.time_ns() - int(1.0e9))))  # between the marks
+        w._pace()
+        assert sys.getswitchinterval() == writer_mod.BEHIND_SWITCH_S        # hysteresis: still behind
+        w.parse_pending()
+        w.process(from_items(items(20, 61, ts=time.time_ns())))
+        w._pace()
+        assert sys.getswitchinterval() == default
+    finally:
+        sys.setswitchinterval(default)
+    w.parse_pending()
+    w.process(from_items(items(5, 81, ts=time.time_ns() - int(3e9))))
+    w._pace()
+    assert sys.getswitchinterval() == writer_mod.BEHIND_SWITCH_S
+    w.start()
+    w.stop()
+    assert sys.getswitchinterval() == default        # restored when the writer ends
