@@ -4,8 +4,8 @@ Speed: frames are taken from the queue all at once and parsed in chunks (every
 PARSE_INTERVAL_S, or once writer_batch frames wait): the payloads become one Arrow string
 column, the adapter's `parse_batch` turns them into typed tables with Arrow's JSON reader and
 compute functions (C++, outside the GIL, so the socket threads keep reading meanwhile), and
-only what it cannot handle goes through the per-frame `parse`. Each chunk's tables are appended to the spools at once, so memory holds
-one chunk, not a flush interval.
+only what it cannot handle goes through the per-frame `parse`. Each chunk's tables are
+appended to the spools at once, so memory holds one chunk, not a flush interval.
 
 Durability: rows are appended, as Arrow record batches, to one spool file (Arrow IPC stream) per
 (dataset, exchange, date), fsynced every `flush_interval`, so a `kill -9` loses at most one flush
@@ -106,12 +106,12 @@ def parquet_name(instance_id: str, run_id: str, seq: str | int) -> str:
     return f"i-{instance_id}-{run_id}-{int(seq):06d}.parquet"
 
 
-def write_parquet_atomic(table: pa.Table, final_path: str, dataset: str | None) -> int:
-    """Write under a temporary name, fsync, rename: the final name only ever holds a whole file."""
+def write_parquet_atomic(table: pa.Table, final_path: str) -> int:
+    """Reference data (never RAW: the datasets go through `spool_to_parquet`) under a temporary
+    name, fsync, rename: the final name only ever holds a whole file."""
     os.makedirs(os.path.dirname(final_path), exist_ok=True)
     tmp = _tmp_name(final_path)
-    opts = schema.parquet_options(dataset) if dataset else {"compression": "zstd"}
-    pq.write_table(table, tmp, **opts)
+    pq.write_table(table, tmp, compression="zstd")
     return _publish_tmp(tmp, final_path)
 
 
@@ -361,9 +361,9 @@ class Writer(threading.Thread):
         """FrameBatches from the queue -> per-exchange pending lists, parsed in chunks
         (`parse_pending`: every PARSE_INTERVAL_S, at flush, or here once writer_batch frames
         wait). Chunks grow with the backlog: each Arrow call releases the GIL and must win it
-        back from busy socket threads (up to the 5 ms switch interval; ~65 calls per Binance
-        chunk), so a writer that falls behind takes more frames at once and spends fewer
-        hand-backs per frame. Capped at 50k frames, it fell behind for good at 95k frames/s
+        back from busy socket threads (up to the switch interval; ~40 calls per exchange and
+        chunk, see `_pace`), so a writer that falls behind takes more frames at once and
+        spends fewer hand-backs per frame. Capped at 50k frames, it fell behind for good at 95k frames/s
         (queue full within a minute); capped at writer_batch (100k), it stays within ~1-2 s,
         while at moderate rates chunks stay small (memory: one 0.5 s chunk)."""
         if not batches:
@@ -575,6 +575,6 @@ def write_reference(data_dir: str, storage, exchange: str, instruments: list, fe
     rel = f"reference/{exchange}/instruments-{stamp}-{instance_id}.parquet"
     final = os.path.join(data_dir, rel)
     write_parquet_atomic(table.replace_schema_metadata({b"fetched_at": str(fetched_at_ns).encode()}),
-                         final, None)
+                         final)
     storage.publish(final, rel)
     return final

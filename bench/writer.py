@@ -2,7 +2,7 @@
 """The writer alone, in process: simulator frames -> Writer.process/parse -> spool -> Parquet.
 
     python bench/writer.py [--exchanges binance] [--frames 200000] [--chunk 100000]
-                           [--per-frame] [--spin 1]
+                           [--per-frame] [--spin 1] [--switch-ms 0.5]
 
 Frames are made by the bundled simulator's own generators (every channel, 200 symbols), stamped
 like queue items. `--per-frame` disables the adapters' batch parsers (every frame through
@@ -72,7 +72,11 @@ def main(argv=None) -> int:
                    help="frames per parse chunk (writer_batch; 1 s at 100k frames/s)")
     p.add_argument("--per-frame", action="store_true", help="no batch parsers: the per-frame path")
     p.add_argument("--spin", type=int, default=0, help="busy Python threads competing for the GIL")
+    p.add_argument("--switch-ms", type=float, help="the interpreter's GIL switch interval (default 5 ms): "
+                   "what the writer sets while it is behind (writer.BEHIND_SWITCH_S) is 0.5")
     args = p.parse_args(argv)
+    if args.switch_ms:
+        sys.setswitchinterval(args.switch_ms / 1000)
     exchanges = args.exchanges.split(",")
     per_ex = {ex: sim_frames(ex, args.frames) for ex in exchanges}
     t0 = time.time_ns()
