@@ -34,6 +34,9 @@ HELP = {
     "frames_dropped": "frames dropped because the ingestion queue was full",
     "frames_unparsed": "frames the exchange adapter could not parse (kept in frames)",
     "frames_written": "frames written to the frames dataset",
+    "writer_parse_seconds": "wall time the writer spent parsing and spooling this exchange's frames",
+    "writer_parse_cpu_seconds": "the writer thread's CPU time within writer_parse_seconds (the rest: "
+                                "waiting, mostly for the GIL held by socket threads)",
     "frames_non_utf8": "frames that were not valid UTF-8",
     "rows_written": "rows written to a dataset",
     "rows_rejected": "rows rejected by the schema (null in a non-nullable column)",

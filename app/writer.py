@@ -460,6 +460,7 @@ class Writer(threading.Thread):
             if not accepting:
                 self._drop_spool_full(ex, sum(map(len, batches)))
                 continue
+            wall, cpu = time.perf_counter(), time.thread_time()
             chunk, size = [], 0
             for b in batches:
                 chunk.append(b)
@@ -469,6 +470,9 @@ class Writer(threading.Thread):
                     chunk, size = [], 0
             if chunk:
                 self._parse_chunk(ex, chunk)
+            # wall vs CPU: the gap is time spent waiting, mostly for the GIL (socket threads)
+            self.state.count("writer_parse_seconds", ex, time.perf_counter() - wall)
+            self.state.count("writer_parse_cpu_seconds", ex, time.thread_time() - cpu)
         self._unparsed = 0
 
     def _parse_chunk(self, ex: str, batches: list) -> None:

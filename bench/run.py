@@ -21,7 +21,9 @@ the 1-minute load average is printed with every step because other processes sha
     must then be sustained for --confirm-step (30 s) on a fresh collector (so a failed step's
     backlog does not inflate memory; if it fails, 90 % of the last rate tried, up to
     CONFIRM_ATTEMPTS runs), and that run's figures are reported: frames/s, rows/s, CPU %,
-    peak RSS, peak queue utilisation, writer lag p99.
+    peak RSS, peak queue utilisation, writer lag p99, and the writer's wait: the share of its
+    parse time not spent on its own CPU (waiting, mostly for the GIL the socket threads hold;
+    from the collector's writer_parse_seconds / writer_parse_cpu_seconds counters).
  4. sizes: Parquet bytes per row per dataset and exchange, and our size vs plain
     `pq.write_table(same table, compression="zstd")`, on realistic data (size_phase says why).
  5. three: all three exchanges in one collector process vs the same three-exchange ceiling.
@@ -234,12 +236,14 @@ class Collector:
 
     def totals(self) -> dict:
         c = self.metrics()["counters"]
-        out = {"received": 0, "dropped": 0, "frames_written": 0, "rows": 0}
+        out = {"received": 0, "dropped": 0, "frames_written": 0, "rows": 0, "parse_s": 0.0, "parse_cpu_s": 0.0}
         for ex in self.exchanges:
             e = c.get(ex, {})
             out["received"] += e.get("frames_received", 0)
             out["dropped"] += e.get("frames_dropped", 0)
             out["frames_written"] += e.get("frames_written", 0)
+            out["parse_s"] += e.get("writer_parse_seconds", 0.0)
+            out["parse_cpu_s"] += e.get("writer_parse_cpu_seconds", 0.0)
             rows = e.get("rows_written", {})
             out["rows"] += sum(rows.values()) if isinstance(rows, dict) else rows
         return out
@@ -325,11 +329,15 @@ def run_step(fh: Firehoses, exchanges, collectors: list[Collector], rate: float,
     received = sum(y["received"] - x["received"] for x, y in zip(a, b))
     cpu = sum((y.user + y.system - x.user - x.system) for x, y in zip(cpu0, cpu1)) / (m1 - m0) * 100
     lags = sorted(s["lag"] for s in window) or [0.0]
+    parse_s = sum(y["parse_s"] - x["parse_s"] for x, y in zip(a, b))
+    parse_cpu_s = sum(y["parse_cpu_s"] - x["parse_cpu_s"] for x, y in zip(a, b))
     res = {"target": round(rate), "sent_per_s": round(sent_rate), "received_per_s": round(received / (m1 - m0)),
            "dropped": dropped, "end_queue": end_queue, "cpu_pct": round(cpu),
            "peak_queue_util": max((s["queue_util"] for s in window), default=0.0),
            "lag_p99_s": lags[min(len(lags) - 1, int(math.ceil(0.99 * len(lags))) - 1)],
-           "peak_rss_mb": round(max((s["rss"] for s in window), default=0) / 2**20, 1)}
+           "peak_rss_mb": round(max((s["rss"] for s in window), default=0) / 2**20, 1),
+           # the share of the writer's parse time spent waiting (mostly for the GIL), not computing
+           "writer_wait": round(1 - parse_cpu_s / parse_s, 2) if parse_s > 0 else 0.0}
     res["passed"] = (dropped == 0 and sent_rate >= PASS_SEND_RATIO * rate
                      and end_queue <= BACKLOG_SECONDS * rate)
     drain(collectors)
@@ -358,7 +366,8 @@ def search(fh: Firehoses, exchanges, groups, workdir: str, tag: str, start: floa
             steps.append(r)
             say(f"  {tag}: {r['target']:>8,} frames/s -> {'pass' if r['passed'] else 'FAIL'}  "
                 f"sent {r['sent_per_s']:,}/s dropped {r['dropped']:,} backlog {r['end_queue']:,} "
-                f"cpu {r['cpu_pct']}% lag p99 {r['lag_p99_s']}s load {os.getloadavg()[0]:.1f}")
+                f"cpu {r['cpu_pct']}% lag p99 {r['lag_p99_s']}s writer wait {r['writer_wait']:.0%} "
+                f"load {os.getloadavg()[0]:.1f}")
             if r["passed"]:
                 lo, best = rate, r
                 rate = rate * 1.25 if hi is None else (lo + hi) / 2
@@ -385,7 +394,7 @@ def search(fh: Firehoses, exchanges, groups, workdir: str, tag: str, start: floa
                 counters = [c.stop() for c in cols]
             say(f"  {tag}: confirm {r['target']:,} frames/s for {args.confirm_step:g}s on a fresh "
                 f"collector -> {'pass' if r['passed'] else 'FAIL'} (dropped {r['dropped']:,}, "
-                f"backlog {r['end_queue']:,})")
+                f"backlog {r['end_queue']:,}, writer wait {r['writer_wait']:.0%})")
             if r["passed"] or attempt == CONFIRM_ATTEMPTS - 1:
                 break
             lo *= 0.9
@@ -532,7 +541,8 @@ def main(argv=None) -> int:
         say(f"e2e: {e2e['frames_per_s']:,} frames/s ({final.get('rows_per_s', 0):,} rows/s), "
             f"cpu {final.get('cpu_pct')}%, peak RSS {e2e['peak_rss_mb']} MB (budget "
             f"{budget:.0f}), peak queue {final.get('peak_queue_util')}, "
-            f"writer lag p99 {final.get('lag_p99_s')}s; {e2e['frames_per_s'] / ceil if ceil else 0:.2f} x ceiling")
+            f"writer lag p99 {final.get('lag_p99_s')}s, writer wait {final.get('writer_wait', 0):.0%}; "
+            f"{e2e['frames_per_s'] / ceil if ceil else 0:.2f} x ceiling")
         if args.smoke:       # sizes of what the e2e step wrote (the firehose's repeated corpus)
             all_sizes = {args.exchange: parquet_sizes(e2e["data_dir"], args.exchange)}
         else:
@@ -557,6 +567,7 @@ def main(argv=None) -> int:
             "cpu_pct": final.get("cpu_pct"),
             "peak_queue_util": final.get("peak_queue_util"),
             "writer_lag_p99_s": final.get("lag_p99_s"),
+            "writer_wait": final.get("writer_wait"),
             "rss_budget_mb": budget,
             "server_vs_ceiling": round(server["frames_per_s"] / ceil, 1) if ceil else 0.0,
             "confirmed": e2e["confirmed"],
@@ -577,9 +588,10 @@ def main(argv=None) -> int:
                            "three_e2e_frames_per_s": e3["frames_per_s"],
                            "three_search_best_frames_per_s": e3["search_best"],
                            "three_ratio": round(e3["frames_per_s"] / c3, 3) if c3 else 0.0,
-                           "three_peak_rss_mb": e3["peak_rss_mb"]})
+                           "three_peak_rss_mb": e3["peak_rss_mb"],
+                           "three_writer_wait": e3["final"].get("writer_wait")})
             say(f"three exchanges e2e: {e3['frames_per_s']:,} frames/s = {result['three_ratio']:.2f} x ceiling, "
-                f"peak RSS {e3['peak_rss_mb']} MB")
+                f"peak RSS {e3['peak_rss_mb']} MB, writer wait {e3['final'].get('writer_wait', 0):.0%}")
         if not args.skip_per_process:
             say("e2e (one collector process per exchange, total rate split evenly):")
             base = result.get("three_e2e_frames_per_s") or result["e2e_frames_per_s"]

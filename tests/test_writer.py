@@ -193,3 +193,17 @@ def test_spools_are_fsynced_off_the_writer_thread_and_descriptors_closed(tmp_pat
     assert spool_fds() == []
     assert not state.writer_error
     assert len(glob.glob(str(tmp_path / "raw/v1/bbo/**/*.parquet"), recursive=True)) == 1
+
+
+def test_parse_time_is_counted_per_exchange_wall_and_cpu(tmp_path):
+    """writer_parse_seconds (wall) and writer_parse_cpu_seconds (its CPU) grow with each parse:
+    the gap between them is the writer's waiting, which /metrics and the bench report."""
+    w, q, state, _ = make_writer(tmp_path)
+    assert state.total("writer_parse_seconds") == 0
+    w.process(from_items(items(2000)))
+    w.parse_pending()
+    wall, cpu = state.total("writer_parse_seconds", "binance"), state.total("writer_parse_cpu_seconds", "binance")
+    assert 0 < cpu <= wall + 0.002          # thread CPU cannot exceed wall time (clock granularity)
+    w.process(from_items(items(2000, start=2001)))
+    w.parse_pending()
+    assert state.total("writer_parse_seconds", "binance") > wall
