@@ -97,7 +97,7 @@ def gauges(state, now: float | None = None) -> list[tuple[str, str, list[tuple[d
         ("queue_size", "frames in the ingestion queue", [({}, q["size"])]),
         ("queue_capacity", "capacity of the ingestion queue, in frames", [({}, q["capacity"])]),
         ("queue_utilisation", "queue size / capacity", [({}, q["utilisation"])]),
-        ("writer_lag_seconds", "age of the oldest frame not yet fsynced to a spool file",
+        ("writer_lag_seconds", "age of the oldest frame not yet written to a spool file",
          [({}, q["writer_lag_s"])]),
         ("connections", "live WebSocket connections (connected or reconnecting)",
          [({"exchange": ex}, len(cs)) for ex, cs in conns.items()]),

@@ -449,7 +449,7 @@ class Writer(threading.Thread):
             self.parse_pending()
 
     def parse_pending(self) -> None:
-        """Parse what is pending and append it to the spools (fsynced at the next flush), in
+        """Parse what is pending and append it to the spools (fsynced after the next flush), in
         chunks of at most writer_batch frames: only one chunk of Arrow data is ever in memory."""
         accepting = self.storage.accepting()
         chunk_frames = self.settings.writer_batch
