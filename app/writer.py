@@ -18,6 +18,7 @@ parsing. At start, spool left by a killed run is turned into Parquet first (`rec
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -114,10 +115,7 @@ class Syncer(threading.Thread):
         """Takes ownership of fd (a descriptor of the file at path)."""
         with self._lock:
             if self._stopping:              # nothing runs passes any more: fsync here
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                self._sync(path, fd)
                 return
             old = self._pending.pop(path, None)
             self._pending[path] = fd
@@ -136,15 +134,19 @@ class Syncer(threading.Thread):
                 pending, self._pending = self._pending, {}
                 stopping = self._stopping
             for path, fd in pending.items():
-                try:
-                    os.fsync(fd)
-                except OSError as e:       # the data may not be on disk: say so, loudly
-                    self.state.writer_error = f"fsync {os.path.basename(path)}: {e!r}"
-                    log.error("spool_fsync_failed", extra={"spool": path, "error": repr(e)})
-                finally:
-                    os.close(fd)
+                self._sync(path, fd)
             if stopping:
                 return
+
+    def _sync(self, path: str, fd: int) -> None:
+        try:
+            os.fsync(fd)
+        except OSError as e:       # the data may not be on disk: say so, loudly
+            self.state.writer_error = f"fsync {os.path.basename(path)}: {e!r}"
+            log.error("spool_fsync_failed", extra={"spool": path, "error": repr(e)})
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def stop(self) -> None:
         """fsync what was handed over, then end."""

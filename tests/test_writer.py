@@ -207,3 +207,24 @@ def test_parse_time_is_counted_per_exchange_wall_and_cpu(tmp_path):
     w.process(from_items(items(2000, start=2001)))
     w.parse_pending()
     assert state.total("writer_parse_seconds", "binance") > wall
+
+
+def test_a_failed_spool_fsync_is_an_error_not_silence(tmp_path, monkeypatch):
+    """EIO on fsync means the spool may not be on disk: writer_error is set (state ERROR), the
+    descriptor is still closed, and the writer keeps going."""
+    import errno
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if "/spool/" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, "I/O error")
+        real_fsync(fd)
+    monkeypatch.setattr(writer_mod.os, "fsync", fsync)
+    w, q, state, _ = make_writer(tmp_path)
+    w.process(from_items(items(5, 1)))
+    w.flush()
+    w.syncer.stop()
+    assert state.writer_error and "fsync" in state.writer_error and "I/O error" in state.writer_error
+    w.process(from_items(items(5, 6)))      # parsing and spooling go on
+    w.flush()
+    assert state.total("rows_written", "binance") == 10
