@@ -153,17 +153,18 @@ def test_writer_behind_gets_a_short_gil_switch_interval_until_caught_up(tmp_path
 
 
 def test_spools_are_fsynced_off_the_writer_thread_and_descriptors_closed(tmp_path, monkeypatch):
-    """flush and rotate hand the spools to the syncer: the fsyncs run on its thread, a file
-    handed over twice before a pass is fsynced once, and every descriptor is closed."""
+    """flush and rotate hand the spools to the syncer: the fsyncs run on its thread, every file
+    is fsynced after its last hand-over (the rotation's, after the stream ended), hand-overs
+    made while a pass runs are coalesced, and every descriptor is closed."""
     import threading
-    synced, release = [], threading.Event()
+    events, release = [], threading.Event()      # ("add" | "fsync", path, thread name), in order
     real_fsync = os.fsync
 
     def fsync(fd):
-        path = os.readlink(f"/proc/self/fd/{fd}")
+        path = os.readlink(f"/proc/self/fd/{fd}").removesuffix(" (deleted)")   # finalized already
         if "/spool/" in path:            # not the finalizer's Parquet files
             release.wait(10)             # hold the first pass, so later hand-overs coalesce
-            synced.append((threading.current_thread().name, path))
+            events.append(("fsync", path, threading.current_thread().name))
         real_fsync(fd)
     monkeypatch.setattr(writer_mod.os, "fsync", fsync)
 
@@ -171,25 +172,26 @@ def test_spools_are_fsynced_off_the_writer_thread_and_descriptors_closed(tmp_pat
         return [f for f in os.listdir("/proc/self/fd")
                 if os.path.realpath(f"/proc/self/fd/{f}").startswith(str(tmp_path / "spool"))]
     w, q, state, _ = make_writer(tmp_path)
+    add = w.syncer.add
+    monkeypatch.setattr(w.syncer, "add", lambda path, fd: (events.append(("add", path, "")), add(path, fd)))
     w.finalizer.start()
-    w.process(from_items(items(5, 1)))
-    w.flush()                            # first pass starts, held in fsync
-    w.process(from_items(items(5, 6)))
-    w.flush()                            # both queued for the next pass ...
-    w.process(from_items(items(5, 11)))
-    w.flush()                            # ... and replaced: one fsync per file
+    for start in (1, 6, 11):             # the first pass is held; the other flushes pile up
+        w.process(from_items(items(5, start)))
+        w.flush()
     spools = sorted(glob.glob(str(tmp_path / "spool" / "*.arrows")))
-    assert len(spool_fds()) >= 2 * 2     # each open spool's own + the handed-over duplicates
     assert [os.path.basename(p).split("~")[0] for p in spools] == ["bbo", "frames"]
+    assert len(spool_fds()) >= 2 * 2     # each open spool's own + the handed-over duplicates
     release.set()
-    w.rotate()                           # the last fsync of each spool, from its own descriptor
+    w.rotate()                           # the last hand-over of each spool: its own descriptor
     w.finalizer.stop()
     w.syncer.stop()
-    assert {name for name, _ in synced} == {"syncer"}
-    per_file = [sum(path == p for _, path in synced) for p in spools]
-    # pass 1 (first flush) + pass 2 (second and third flush coalesced, maybe with the rotation's)
-    assert all(2 <= n <= 3 for n in per_file), per_file
-    assert len(synced) < 2 * 4           # 2 files x (3 flushes + rotation) without coalescing
+    synced = [e for e in events if e[0] == "fsync"]
+    assert {thread for _, _, thread in synced} == {"syncer"}
+    for p in spools:
+        last_add = max(i for i, e in enumerate(events) if e[:2] == ("add", p))
+        assert any(e[:2] == ("fsync", p) for e in events[last_add:]), p
+    assert sum(e[0] == "add" for e in events) == 2 * 4
+    assert len(synced) <= 2 * 3          # coalesced: 2 files x (3 flushes + rotation) otherwise
     assert spool_fds() == []
     assert not state.writer_error
     assert len(glob.glob(str(tmp_path / "raw/v1/bbo/**/*.parquet"), recursive=True)) == 1
