@@ -8,13 +8,14 @@ only what it cannot handle goes through the per-frame `parse`. Each chunk's tabl
 appended to the spools at once, so memory holds one chunk, not a flush interval.
 
 Durability: rows are appended, as Arrow record batches, to one spool file (Arrow IPC stream) per
-(dataset, exchange, date), everything received at the latest every `flush_interval`, so a
-`kill -9` loses at most one flush interval; the syncer thread then fsyncs the spools (a power
-loss loses about one more). Every `rotate_interval` (aligned to the wall clock) the spools are closed and handed to
-the finalizer thread, which streams each into one zstd Parquet file (a row group at a time)
-under a temporary name and renames it: a visible Parquet file is always complete. Parquet
-encoding runs off the writer thread (and mostly outside the GIL), so rotation never stalls
-parsing. At start, spool left by a killed run is turned into Parquet first (`recover`).
+(dataset, exchange, date); whatever was received is in a spool at the latest every
+`flush_interval` (so a `kill -9` loses at most one flush interval), and the syncer thread fsyncs
+the spools right after (a power loss may lose about one more). Every `rotate_interval` (aligned
+to the wall clock) the spools are closed and handed to the finalizer thread, which streams each
+into one zstd Parquet file (a row group at a time) under a temporary name and renames it: a
+visible Parquet file is always complete. Parquet encoding runs off the writer thread (and mostly
+outside the GIL), so rotation never stalls parsing. At start, spool left by a killed run is
+turned into Parquet first (`recover`).
 """
 from __future__ import annotations
 
