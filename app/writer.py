@@ -377,8 +377,10 @@ class Writer(threading.Thread):
 
     def _pace(self) -> None:
         """Give the writer the GIL sooner while it is behind. Every Arrow call of a chunk releases
-        the GIL, and getting it back from busy socket threads takes up to the switch interval
-        (5 ms by default): ~40 calls per exchange and chunk. When the writer is the bottleneck
+        the GIL (~40 calls per exchange and chunk), and the writer must win it back from busy
+        socket threads: it asks for a switch only after a switch interval (5 ms by default) in
+        which no other thread took the GIL, so the wait is often longer (writer_parse_seconds vs
+        writer_parse_cpu_seconds: it waits ~half its parse time at the top rates). When the writer is the bottleneck
         (three exchanges in one process) those waits decide whether it catches up; when it keeps
         up, a short interval only makes the socket threads switch more. So: a short interval
         while the oldest unparsed frame is older than BEHIND_S, the default again under
@@ -430,8 +432,7 @@ class Writer(threading.Thread):
         """FrameBatches from the queue -> per-exchange pending lists, parsed in chunks
         (`parse_pending`: every PARSE_INTERVAL_S, at flush, or here once writer_batch frames
         wait). Chunks grow with the backlog: each Arrow call releases the GIL and must win it
-        back from busy socket threads (up to the switch interval; ~40 calls per exchange and
-        chunk, see `_pace`), so a writer that falls behind takes more frames at once and
+        back from busy socket threads (~40 calls per exchange and chunk, see `_pace`), so a writer that falls behind takes more frames at once and
         spends fewer hand-backs per frame. Capped at 50k frames, it fell behind for good at 95k frames/s
         (queue full within a minute); capped at writer_batch (100k), it stays within ~1-2 s,
         while at moderate rates chunks stay small (memory: one 0.5 s chunk)."""

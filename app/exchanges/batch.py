@@ -4,9 +4,9 @@ Why: parsing frame by frame costs several microseconds of Python per frame, all 
 the GIL the socket threads need. Frames of one kind (one channel of one exchange) share one JSON
 shape, so a chunk of frames is grouped by kind and each group is parsed at once by Arrow's JSON
 reader with an explicit schema; rows are then built by one Acero plan (filter + project) per
-dataset. Each of those is one C++ call that runs outside the GIL: the number of calls per chunk
-matters more than their size, because after every call the writer must win the GIL back from
-busy socket threads (up to the 5 ms switch interval each time).
+dataset. Each of those is one C++ call that runs outside the GIL: few, large calls, because
+after every call the writer must win the GIL back from busy socket threads (a switch interval,
+5 ms by default, or longer while other threads pass it among themselves).
 
 An adapter declares, per kind, its JSON shape and, as Arrow expressions over the parsed fields,
 what `parse` requires, the symbol, the stream key and each dataset's columns (`Kind`, `Rows`).
