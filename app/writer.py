@@ -380,11 +380,11 @@ class Writer(threading.Thread):
         the GIL (~40 calls per exchange and chunk), and the writer must win it back from busy
         socket threads: it asks for a switch only after a switch interval (5 ms by default) in
         which no other thread took the GIL, so the wait is often longer (writer_parse_seconds vs
-        writer_parse_cpu_seconds: it waits ~half its parse time at the top rates). When the writer is the bottleneck
-        (three exchanges in one process) those waits decide whether it catches up; when it keeps
-        up, a short interval only makes the socket threads switch more. So: a short interval
-        while the oldest unparsed frame is older than BEHIND_S, the default again under
-        CAUGHT_UP_S. Measured: `bench/writer.py --spin 1` parses OKX at 73k frames/s with
+        writer_parse_cpu_seconds: it waits ~half its parse time at the top rates). When the
+        writer is the bottleneck (three exchanges in one process) those waits decide whether it
+        catches up; when it keeps up, a short interval only makes the socket threads switch
+        more. So: a short interval while the oldest unparsed frame is older than BEHIND_S, the
+        default again under CAUGHT_UP_S. Measured: `bench/writer.py --spin 1` parses OKX at 73k frames/s with
         5 ms, 131k with 0.5 ms; at a fixed 105k frames/s on Binance (writer keeping up) a
         constant 0.5 ms cut what the sockets took in from 103-104k to 85-94k frames/s."""
         oldest = [b[0].ts_recv[0] for b in self.pending.values() if b]
@@ -432,9 +432,10 @@ class Writer(threading.Thread):
         """FrameBatches from the queue -> per-exchange pending lists, parsed in chunks
         (`parse_pending`: every PARSE_INTERVAL_S, at flush, or here once writer_batch frames
         wait). Chunks grow with the backlog: each Arrow call releases the GIL and must win it
-        back from busy socket threads (~40 calls per exchange and chunk, see `_pace`), so a writer that falls behind takes more frames at once and
-        spends fewer hand-backs per frame. Capped at 50k frames, it fell behind for good at 95k frames/s
-        (queue full within a minute); capped at writer_batch (100k), it stays within ~1-2 s,
+        back from busy socket threads (~40 calls per exchange and chunk, see `_pace`), so a
+        writer that falls behind takes more frames at once and spends fewer hand-backs per
+        frame. Capped at 50k frames, it fell behind for good at 95k frames/s (queue full within
+        a minute); capped at writer_batch (100k), it stays within ~1-2 s,
         while at moderate rates chunks stay small (memory: one 0.5 s chunk)."""
         if not batches:
             return
