@@ -36,12 +36,17 @@ log = logs.get()
 #
 # websocket-client (>=1.8,<2) reads every frame with `frame_buffer.recv_strict(n)`: one recv()
 # syscall for the 2-byte header, another for the length and the payload, and its Dispatcher
-# calls select() before every frame. At exchange rates that is several syscalls per frame. Two
-# small adapters remove them without touching the library's frame parsing, ping/pong or close
-# handling:
+# calls select() before every frame; then it builds and validates an ABNF object and passes it
+# through its continuation-frame logic: ~4 us of Python per frame, most of a socket thread's
+# time. Three small adapters remove that cost without changing what a callback receives:
 #   * `_BufferedReader` replaces `recv_strict` on the connection's frame_buffer: it recv()s
 #     READ_CHUNK bytes at a time and serves the header, length and payload as slices of that
 #     buffer (one syscall per ~64 KiB instead of 2-3 per frame).
+#   * `_BufferedReader.data_frames` hands every buffered frame that is a whole text or binary
+#     message as servers send it (FIN set, no RSV bits, no mask) straight to on_message, as the
+#     bytes websocket-client would have passed. Anything else (pings, pongs, close, fragments,
+#     RSV bits, a mask) is left where it is, and websocket-client reads it itself, with its own
+#     checks, replies and errors.
 #   * `BufferedDispatcher` installs the reader when the dispatcher starts reading (after the
 #     handshake, which websocket-client reads byte by byte, so no data is in flight) and lets
 #     recv() do the waiting instead of a select() before every read.
@@ -86,6 +91,54 @@ class _BufferedReader:
         """True if a frame (or part of one) can be read without waiting for the socket."""
         return self.pos < len(self.buf) or bool(self._pending_ssl and self._pending_ssl())
 
+    def data_frames(self, app) -> int:
+        """Call app.on_message(app, payload) for each complete frame at the head of the buffer
+        that is a whole message in one unmasked frame (first byte 0x81 text or 0x82 binary: FIN,
+        no RSV bits), the payload as websocket-client passes it with skip_utf8_validation.
+        -> 0 when it stops at a frame websocket-client must read (`read_callback`), else the
+        number of bytes, at least, that the buffer lacks for the next frame (`fill`)."""
+        on_message = app.on_message
+        buf, pos = self.buf, self.pos
+        size = len(buf)
+        need = 2
+        while size - pos >= 2:
+            head, n = buf[pos], buf[pos + 1]
+            if (head != 0x81 and head != 0x82) or n & 0x80:
+                self.pos = pos
+                return 0
+            if n < 126:
+                start = pos + 2
+            elif n == 126:
+                start = pos + 4
+                if start > size:
+                    need = start - pos
+                    break
+                n = buf[pos + 2] << 8 | buf[pos + 3]
+            else:
+                start = pos + 10
+                if start > size:
+                    need = start - pos
+                    break
+                n = int.from_bytes(buf[pos + 2:start], "big")
+            end = start + n
+            if end > size:
+                need = end - pos
+                break
+            self.pos = pos = end        # before the callback: a frame is delivered once
+            try:
+                on_message(app, buf[start:end])
+            except Exception as e:  # noqa: BLE001 - as websocket-client's own _callback does
+                app._callback(app.on_error, e)
+        self.pos = pos
+        return max(need - (size - pos), 1)
+
+    def fill(self, need: int) -> None:
+        """One read from the socket (after `before_wait`), appended to what is left unread."""
+        self._before_wait()
+        chunk = self._recv(max(READ_CHUNK, need))
+        self.buf = self.buf[self.pos:] + chunk if self.pos < len(self.buf) else chunk
+        self.pos = 0
+
 
 class BufferedDispatcher(websocket._app.Dispatcher):
     """websocket-client's Dispatcher, reading through a `_BufferedReader`. When nothing is
@@ -93,7 +146,12 @@ class BufferedDispatcher(websocket._app.Dispatcher):
     timeout) recv() itself waits for data without the GIL, so the select() call websocket-client
     makes first is skipped: ~10 % less CPU per frame at a paced 100k frames/s, where every tick
     wakes the thread (bench/run.py's firehose). A socket with a timeout (or TLS data still in
-    the TLS layer) keeps the select(). close() shuts the socket down, which ends either wait."""
+    the TLS layer) keeps the select(). close() shuts the socket down, which ends either wait.
+
+    On a blocking socket, whole data frames go to on_message from `data_frames`; only the
+    other frames take websocket-client's read path (`read_callback`, one frame each), and so
+    does everything while a fragmented message is being received, or when the app asked for
+    what only that path gives (UTF-8 validation, on_data, on_cont_message)."""
 
     def read(self, sock, read_callback, check_callback) -> None:
         ws = self.app.sock
@@ -105,10 +163,19 @@ class BufferedDispatcher(websocket._app.Dispatcher):
         ws.frame_buffer.recv_strict = reader.recv_strict     # instance attribute shadows the method
         buffered = reader.buffered
         blocking = ws.sock.gettimeout() is None
+        direct = (blocking and app.data_frames and ws.frame_buffer.skip_utf8_validation
+                  and app.on_data is None and app.on_cont_message is None)
+        fragments = ws.cont_frame
         sel = selectors.DefaultSelector()
         sel.register(ws.sock, selectors.EVENT_READ)
         try:
             while app.keep_running:
+                if direct and fragments.recving_frames is None:
+                    need = reader.data_frames(app)
+                    if need:
+                        reader.fill(need)
+                        check_callback()
+                        continue
                 if buffered() or blocking:
                     if not read_callback():
                         break
@@ -128,9 +195,11 @@ def _nothing() -> None:
 class FastWebSocketApp(websocket.WebSocketApp):
     """WebSocketApp whose default dispatcher is `BufferedDispatcher` (same semantics otherwise:
     no custom-dispatcher code paths of websocket-client are involved). Set `before_wait` to a
-    callable to run it whenever the socket thread is about to wait for data."""
+    callable to run it whenever the socket thread is about to wait for data; `data_frames`
+    False keeps websocket-client's frame parsing for every frame (the bench's reference)."""
 
     before_wait = None
+    data_frames = True          # False: every frame through websocket-client's own parsing
 
     def create_dispatcher(self, ping_timeout, dispatcher=None, *args, **kwargs):
         if dispatcher is not None:
