@@ -8,8 +8,11 @@ symbol, every dataset, the adapter's connection plans and subscribe messages), o
 connection, in one process:
 
 * `noop`: the collector's own socket code (`app.feed.FastWebSocketApp` with `feed.RUN_OPTIONS`:
-  buffered reads, no UTF-8 validation) with an on_message that does nothing. Its rate is the
-  ceiling of the chosen design: what websocket-client threads can read in one process.
+  buffered reads, whole data frames to on_message without websocket-client's frame objects, no
+  UTF-8 validation) with an on_message that does nothing. Its rate is the ceiling of the chosen
+  design: what websocket-client threads can read in one process. `--reader` picks a reference
+  instead: `frames` (the same, but websocket-client parses every frame: the ceiling before
+  feed.py's data-frame path) or `plain` (websocket-client's own WebSocketApp).
 * `raw`: after the handshake and the subscribe messages, recv_into() a buffer and discard it. No
   framing at all: it shows how fast the firehose can send, which must be well above the ceiling
   or the bench would measure the firehose.
@@ -63,6 +66,10 @@ def _send_subscriptions(send, texts: list[str], pause: float) -> None:
             time.sleep(pause)
 
 
+class LibraryFramesApp(FastWebSocketApp):
+    data_frames = False
+
+
 def run_noop(url: str, texts: list[str], pause: float, done: threading.Event,
              app_class=FastWebSocketApp) -> None:
     def on_open(ws):
@@ -92,13 +99,16 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--mode", choices=("noop", "raw"), required=True)
     p.add_argument("--urls", required=True, help="JSON {exchange: {ws, rest}}")
-    p.add_argument("--plain-reader", action="store_true",
-                   help="noop with websocket-client's own reading (no buffer): the 'before' figure")
+    p.add_argument("--reader", choices=("feed", "frames", "plain"), default="feed",
+                   help="noop: feed.py's reading (default), feed.py's buffered reads with "
+                   "websocket-client parsing every frame, or websocket-client's own WebSocketApp")
     args = p.parse_args(argv)
     urls = json.loads(args.urls)
     runner = run_noop if args.mode == "noop" else run_raw
-    if args.plain_reader:
+    if args.reader == "plain":
         runner = functools.partial(run_noop, app_class=websocket.WebSocketApp)
+    elif args.reader == "frames":
+        runner = functools.partial(run_noop, app_class=LibraryFramesApp)
     conns = []
     for exchange, u in urls.items():
         adapter = load_adapter(exchange)

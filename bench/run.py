@@ -11,9 +11,11 @@ same code path as production, every dataset including `frames`, local storage).
 Phases (each figure is measured in this run, on this machine, so ratios compare like with like;
 the 1-minute load average is printed with every step because other processes share the CPUs):
  1. server: the firehose into a raw socket sink (no framing): how fast frames can be sent.
- 2. ceiling: the collector's own socket code (app.feed: buffered reads, no UTF-8 validation)
-    with a no-op on_message, same connections as the collector: what the design can read.
-    Both reference rates are the median of REFERENCE_RUNS windows.
+ 2. ceiling: the collector's own socket code (app.feed: buffered reads, whole data frames
+    straight to on_message, no UTF-8 validation) with a no-op on_message, same connections as
+    the collector: what the design can read. Also the same with websocket-client parsing every
+    frame (the ceiling before feed.py's data-frame path, which the issue's ratios were set
+    against). Reference rates are the median of REFERENCE_RUNS windows.
  3. e2e: the collector on one exchange. Ramp (x1.25) then bisect the firehose rate; a step
     passes when, over `--step` seconds, the collector dropped nothing, the firehose sent the
     whole target (>= 97 %: no TCP back-pressure, the sockets kept up) and the writer kept up
@@ -149,9 +151,9 @@ class Firehoses:
 class Clients:
     """bench/clients.py: the no-op ceiling reader or the raw sink."""
 
-    def __init__(self, mode: str, urls: dict, plain: bool = False):
+    def __init__(self, mode: str, urls: dict, reader: str = "feed"):
         self.proc = subprocess.Popen([PY, os.path.join(ROOT, "bench", "clients.py"), "--mode", mode,
-                                      "--urls", json.dumps(urls)] + (["--plain-reader"] if plain else []),
+                                      "--urls", json.dumps(urls), "--reader", reader],
                                      stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
         self.ready = json.loads(self.proc.stdout.readline())
@@ -274,10 +276,10 @@ def measure_send(fh: Firehoses, exchanges, seconds: float) -> float:
     return (s1 - s0) / (t1 - t0)
 
 
-def reference(fh: Firehoses, exchanges, mode: str, seconds: float, plain: bool = False,
+def reference(fh: Firehoses, exchanges, mode: str, seconds: float, reader: str = "feed",
               runs: int = REFERENCE_RUNS) -> dict:
     """The readers' rate: the median of `runs` windows of `seconds` (one window is ±10 % here)."""
-    clients = Clients(mode, fh.urls(exchanges), plain)
+    clients = Clients(mode, fh.urls(exchanges), reader)
     rates, cpus = [], []
     try:
         fh.wait_subscribed(exchanges)
@@ -512,10 +514,11 @@ def main(argv=None) -> int:
     result: dict = {}
     if args.readers:
         try:
-            for name, mode, plain in (("raw socket sink", "raw", False),
-                                      ("websocket-client reading (no buffer, select per frame)", "noop", True),
-                                      ("feed.py buffered reading", "noop", False)):
-                r = reference(fh, single, mode, ref_s, plain, runs=ref_runs)
+            for name, mode, reader in (("raw socket sink", "raw", "feed"),
+                                       ("websocket-client reading (no buffer, select per frame)", "noop", "plain"),
+                                       ("feed.py buffered reads, websocket-client frame parsing", "noop", "frames"),
+                                       ("feed.py reading (data frames direct)", "noop", "feed")):
+                r = reference(fh, single, mode, ref_s, reader, runs=ref_runs)
                 result[name] = r["frames_per_s"]
                 say(f"{name}: {r['frames_per_s']:,} frames/s ({r['connections']} connections, cpu {r['cpu_pct']}%)")
         finally:
@@ -531,8 +534,12 @@ def main(argv=None) -> int:
         ceil = ceiling["frames_per_s"]
         say(f"ceiling (feed.py sockets, no-op callback, {args.exchange}, {ceiling['connections']} "
             f"connections): {ceil:,} frames/s (median of {ceiling['runs']}), cpu {ceiling['cpu_pct']}%")
+        parsing = reference(fh, single, "noop", ref_s, "frames", runs=ref_runs)
+        pceil = parsing["frames_per_s"]
+        say(f"ceiling with websocket-client parsing every frame (feed.py's buffered reads, no-op "
+            f"callback): {pceil:,} frames/s (median of {parsing['runs']}), cpu {parsing['cpu_pct']}%")
         say(f"e2e ({args.exchange}, one collector process):")
-        e2e = search(fh, single, [single], workdir, "e2e", 2000 if args.smoke else 0.6 * ceil, args)
+        e2e = search(fh, single, [single], workdir, "e2e", 2000 if args.smoke else 0.6 * min(ceil, pceil), args)
         final = e2e["final"]
         # the budget at the rate the reported RSS was measured at (the last confirmation run's
         # target when none held, not 0)
@@ -542,7 +549,8 @@ def main(argv=None) -> int:
             f"cpu {final.get('cpu_pct')}%, peak RSS {e2e['peak_rss_mb']} MB (budget "
             f"{budget:.0f}), peak queue {final.get('peak_queue_util')}, "
             f"writer lag p99 {final.get('lag_p99_s')}s, writer wait {final.get('writer_wait', 0):.0%}; "
-            f"{e2e['frames_per_s'] / ceil if ceil else 0:.2f} x ceiling")
+            f"{e2e['frames_per_s'] / ceil if ceil else 0:.2f} x ceiling, "
+            f"{e2e['frames_per_s'] / pceil if pceil else 0:.2f} x the frame-parsing ceiling")
         if args.smoke:       # sizes of what the e2e step wrote (the firehose's repeated corpus)
             all_sizes = {args.exchange: parquet_sizes(e2e["data_dir"], args.exchange)}
         else:
@@ -563,6 +571,8 @@ def main(argv=None) -> int:
             "bbo_bytes_per_row": sizes.get("bbo", {}).get("bytes_per_row"),
             "size_vs_plain_zstd": sizes.get("bbo", {}).get("size_vs_plain_zstd"),
             "exchange": args.exchange,
+            "frame_parsing_ceiling_frames_per_s": pceil,
+            "ratio_vs_frame_parsing": round(e2e["frames_per_s"] / pceil, 3) if pceil else 0.0,
             "rows_per_s": final.get("rows_per_s"),
             "cpu_pct": final.get("cpu_pct"),
             "peak_queue_util": final.get("peak_queue_util"),
@@ -578,19 +588,25 @@ def main(argv=None) -> int:
             server3 = reference(fh, EXCHANGES, "raw", ref_s, runs=ref_runs)
             ceiling3 = reference(fh, EXCHANGES, "noop", ref_s, runs=ref_runs)
             c3 = ceiling3["frames_per_s"]
+            parsing3 = reference(fh, EXCHANGES, "noop", ref_s, "frames", runs=ref_runs)
+            p3 = parsing3["frames_per_s"]
             say(f"three exchanges: server {server3['frames_per_s']:,} frames/s; ceiling {c3:,} frames/s "
-                f"(median of {ceiling3['runs']}; {ceiling3['connections']} connections in one process)")
+                f"(median of {ceiling3['runs']}; {ceiling3['connections']} connections in one process); "
+                f"with websocket-client parsing every frame {p3:,} frames/s (median of {parsing3['runs']})")
             say("e2e (three exchanges, one collector process):")
-            e3 = search(fh, EXCHANGES, [EXCHANGES], workdir, "three", 0.6 * c3, args)
+            e3 = search(fh, EXCHANGES, [EXCHANGES], workdir, "three", 0.6 * min(c3, p3), args)
             load.append(os.getloadavg()[0])
             result.update({"three_server_frames_per_s": server3["frames_per_s"],
                            "three_ceiling_frames_per_s": c3,
                            "three_e2e_frames_per_s": e3["frames_per_s"],
                            "three_search_best_frames_per_s": e3["search_best"],
                            "three_ratio": round(e3["frames_per_s"] / c3, 3) if c3 else 0.0,
+                           "three_frame_parsing_ceiling_frames_per_s": p3,
+                           "three_ratio_vs_frame_parsing": round(e3["frames_per_s"] / p3, 3) if p3 else 0.0,
                            "three_peak_rss_mb": e3["peak_rss_mb"],
                            "three_writer_wait": e3["final"].get("writer_wait")})
-            say(f"three exchanges e2e: {e3['frames_per_s']:,} frames/s = {result['three_ratio']:.2f} x ceiling, "
+            say(f"three exchanges e2e: {e3['frames_per_s']:,} frames/s = {result['three_ratio']:.2f} x ceiling "
+                f"({result['three_ratio_vs_frame_parsing']:.2f} x the frame-parsing ceiling), "
                 f"peak RSS {e3['peak_rss_mb']} MB, writer wait {e3['final'].get('writer_wait', 0):.0%}")
         if not args.skip_per_process:
             say("e2e (one collector process per exchange, total rate split evenly):")
