@@ -158,6 +158,7 @@ class BufferedDispatcher(websocket._app.Dispatcher):
         if ws is None or ws.sock is None:
             return
         app = self.app
+        app.raw_socket = sock
         before_wait = getattr(app, "before_wait", None) or _nothing
         reader = _BufferedReader(ws.frame_buffer, ws.sock, before_wait)
         ws.frame_buffer.recv_strict = reader.recv_strict     # instance attribute shadows the method
@@ -200,6 +201,19 @@ class FastWebSocketApp(websocket.WebSocketApp):
 
     before_wait = None
     data_frames = True          # False: every frame through websocket-client's own parsing
+    raw_socket = None
+
+    def run_forever(self, *args, **kwargs):
+        """As websocket-client's, then the socket is closed. websocket-client only drops it
+        (after a close frame, or a shutdown() from Connection.close), and its WebSocket object
+        is in a reference cycle (frame_buffer holds a bound method of it): each finished
+        connection kept its file descriptor until the cyclic GC ran."""
+        try:
+            return super().run_forever(*args, **kwargs)
+        finally:
+            raw, self.raw_socket = self.raw_socket, None
+            if raw is not None:
+                raw.close()
 
     def create_dispatcher(self, ping_timeout, dispatcher=None, *args, **kwargs):
         if dispatcher is not None:

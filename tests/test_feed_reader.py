@@ -7,6 +7,7 @@ payloads, a ping to answer, a fragmented message, a masked frame, a frame with a
 into pieces at awkward places; the collector's reader and the library's own must agree.
 """
 import base64
+import gc
 import hashlib
 import os
 import socket
@@ -190,3 +191,20 @@ def test_a_raising_callback_does_not_stop_the_reader():
     server.join(10)
     assert got == [b"%d" % i for i in range(10) if i != 3]
     assert [str(e) for e in errors if isinstance(e, ValueError)] == ["boom"]
+
+
+def test_a_finished_connection_closes_its_socket():
+    """websocket-client leaves a closed connection's socket to the cyclic GC (its WebSocket is
+    in a reference cycle); FastWebSocketApp closes it when run_forever returns."""
+    def open_fds():
+        return len(os.listdir("/proc/self/fd"))
+    gc.disable()
+    try:
+        before = open_fds()
+        for _ in range(5):
+            url, server = serve_once(frame(b"x"), [], CLOSE, [])
+            feed.FastWebSocketApp(url, on_message=lambda *_: None).run_forever(**feed.RUN_OPTIONS)
+            server.join(10)
+        assert open_fds() == before
+    finally:
+        gc.enable()
