@@ -9,10 +9,10 @@ connection, in one process:
 
 * `noop`: the collector's own socket code (`app.feed.FastWebSocketApp` with `feed.RUN_OPTIONS`:
   buffered reads, whole data frames to on_message without websocket-client's frame objects, no
-  UTF-8 validation) with an on_message that does nothing. Its rate is the ceiling of the chosen
-  design: what websocket-client threads can read in one process. `--reader` picks a reference
-  instead: `frames` (the same, but websocket-client parses every frame: the ceiling before
-  feed.py's data-frame path) or `plain` (websocket-client's own WebSocketApp).
+  UTF-8 validation) with an on_message that does nothing: what the collector's reading can take
+  in one process. `--reader` picks another: `frames` (the same configuration, but
+  websocket-client parses every frame: the bare WebSocketApp ceiling the issue's targets are
+  set against) or `plain` (websocket-client's own WebSocketApp, its own reads).
 * `raw`: after the handshake and the subscribe messages, recv_into() a buffer and discard it. No
   framing at all: it shows how fast the firehose can send, which must be well above the ceiling
   or the bench would measure the firehose.
