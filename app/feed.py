@@ -124,7 +124,7 @@ class _BufferedReader:
             if end > size:
                 need = end - pos
                 break
-            self.pos = pos = end        # before the callback: a frame is delivered once
+            pos = end
             try:
                 on_message(app, buf[start:end])
             except Exception as e:  # noqa: BLE001 - as websocket-client's own _callback does

@@ -380,7 +380,9 @@ class Writer(threading.Thread):
         the GIL (~40 calls per exchange and chunk), and the writer must win it back from busy
         socket threads: it asks for a switch only after a switch interval (5 ms by default) in
         which no other thread took the GIL, so the wait is often longer (writer_parse_seconds vs
-        writer_parse_cpu_seconds: it waits ~half its parse time at the top rates). When the
+        writer_parse_cpu_seconds: ~half its parse time at the top rates while websocket-client
+        parsed every frame, 6-17 % with one exchange and 19-46 % with three since the socket
+        threads hand whole data frames over directly, `make bench` runs 8-14). When the
         writer is the bottleneck (three exchanges in one process) those waits decide whether it
         catches up; when it keeps up, a short interval only makes the socket threads switch
         more. So: a short interval while the oldest unparsed frame is older than BEHIND_S, the
