@@ -28,7 +28,8 @@ import websocket
 
 from app import logs
 from app.handoff import FrameQueue, Stamps
-from app.exchanges import ConnectionPlan, Control, Stream
+from app.exchanges import ConnectionPlan, Control
+from app.subscriptions import LIVE, PENDING, SubscriptionBook
 
 log = logs.get()
 
@@ -247,8 +248,10 @@ class Connection:
         self.connected_since: float | None = None
         self.connects = 0
         self.last_ping = 0.0
-        self.subscribed: dict[str, float] = {}     # stream key -> time acknowledged
-        self.pending: dict[str, tuple[str, ...]] = {}
+        self.book: SubscriptionBook | None = None  # this socket's subscriptions (None: not open)
+        self._open_ns = 0
+        self._sub_wake = threading.Event()
+        self.notice_seen = False
         self.replacement: "Connection | None" = None
         self.replacing_since = 0.0
         self.app: websocket.WebSocketApp | None = None
@@ -327,6 +330,18 @@ class Connection:
             add_ts(time_ns())
             add_payload(data)
 
+        mark = self.adapter.URGENT_MARK
+        if mark:
+            within, urgent = self.adapter.URGENT_WITHIN, self.adapter.urgent_control
+            record = on_message
+
+            def on_message(_ws, data):     # noqa: F811 - the same, plus a look for urgent events
+                record(_ws, data)
+                if data.find(mark, 0, within) != -1:
+                    ctrl = urgent(data)
+                    if ctrl is not None:
+                        self.on_urgent(ctrl)
+
         def hand_over():
             """The micro-batch -> the queue: before the thread waits for the network (so a
             frame never waits here for the next one), and on close."""
@@ -346,19 +361,22 @@ class Connection:
             self.connected_since = time.time()
             self.last_frame_ns = time.time_ns()
             self.connects += 1
-            self.subscribed = {}
+            self.notice_seen = False
+            self._open_ns = time.time_ns()
+            s = self.manager.settings
+            book = SubscriptionBook(self.adapter, streams, now=time.time(),
+                                    ack_timeout=s.subscribe_timeout, retries=s.subscribe_retries,
+                                    next_request_id=self.manager.next_request_id)
+            self.book = book
             self.manager.by_conn_id[conn_id] = self
             log.info("ws_connect", extra={"exchange": exchange, "conn": self.name, "conn_id": conn_id,
                                           "url": url.split("?")[0], "streams": len(streams)})
             self.manager.notify("open", self, conn_id)
             if self.adapter.SUBSCRIBE_IN_URL:     # the URL named the streams: no ACK will come
-                now = time.time()
-                self.subscribed = {st.key: now for st in streams}
-                log.info("subscribed", extra={"exchange": exchange, "conn": self.name, "conn_id": conn_id,
-                                              "streams": len(streams), "total": len(streams),
-                                              "planned": len(streams), "via": "url"})
+                book.all_live(time.time())
+                self.log_book_events(via="url")
             else:
-                threading.Thread(target=self._subscribe, args=(ws, streams),
+                threading.Thread(target=self._subscriber, args=(ws, book),
                                  name=f"sub-{self.name}", daemon=True).start()
 
         def on_liveness(_ws, _data):
@@ -372,6 +390,8 @@ class Connection:
             hand_over()
             was_connected = self.connected
             self.connected = False
+            self.book = None
+            self._sub_wake.set()
             self.manager.by_conn_id.pop(conn_id, None)
             log.info("ws_disconnect", extra={"exchange": exchange, "conn": self.name,
                                              "conn_id": conn_id, "code": code,
@@ -395,20 +415,57 @@ class Connection:
             log.warning("ws_connect_failed", extra={"exchange": exchange, "conn": self.name,
                                                    "url": url.split("?")[0], "reason": self._close_reason})
 
-    def _subscribe(self, ws, streams: list[Stream]) -> None:
-        messages = self.adapter.subscribe_messages(streams, self.manager.next_request_id(len(streams)))
-        for i, (text, req_id, keys) in enumerate(messages):
-            if self._stop.is_set() or not self.connected or self.app is not ws:
-                return
-            self.pending[str(req_id)] = keys
-            try:
-                ws.send(text)
-            except Exception as e:  # noqa: BLE001 - the socket died; the loop reconnects
-                log.info("subscribe_send_failed", extra={"exchange": self.exchange,
-                                                         "conn": self.name, "error": repr(e)})
-                return
-            if i + 1 < len(messages):
-                time.sleep(self.adapter.SUBSCRIBE_INTERVAL_S)
+    def _subscriber(self, ws, book: SubscriptionBook) -> None:
+        """Sends what the book says is due (first round, split batches, retries) while this
+        socket is open; paced by the exchange's SUBSCRIBE_INTERVAL_S."""
+        pause = self.adapter.SUBSCRIBE_INTERVAL_S
+        while not self._stop.is_set() and self.connected and self.app is ws and self.book is book:
+            for text, _rid, _keys in book.take_due(time.time()):
+                if self._stop.is_set() or not self.connected or self.app is not ws:
+                    return
+                try:
+                    ws.send(text)
+                except Exception as e:  # noqa: BLE001 - the socket died; the loop reconnects
+                    log.info("subscribe_send_failed", extra={"exchange": self.exchange,
+                                                             "conn": self.name, "error": repr(e)})
+                    return
+                self._stop.wait(pause)
+            self.log_book_events()
+            due = book.next_due()
+            wait = 1.0 if due is None else min(1.0, max(0.0, due - time.time()))
+            self._sub_wake.wait(wait)
+            self._sub_wake.clear()
+
+    def log_book_events(self, **extra) -> None:
+        """One line per finished subscription round, one per rejection (from the book)."""
+        book = self.book
+        if book is None:
+            return
+        base = {"exchange": self.exchange, "conn": self.name, "conn_id": self.conn_id}
+        for event, fields in book.take_events():
+            if event == "subscription_rejected":
+                self.manager.state.count("subscriptions_rejected", self.exchange)
+                log.warning(event, extra={**base, **fields})
+            else:
+                log.info(event, extra={**base, **fields, **extra})
+
+    def is_live(self, key: str) -> bool:
+        book = self.book
+        return book is not None and book.status.get(key) == LIVE
+
+    @property
+    def subscribed(self) -> set[str]:
+        """Keys of the streams live on this socket."""
+        book = self.book
+        if book is None:
+            return set()
+        return {k for k, (st, _r) in book.snapshot().items() if st == LIVE}
+
+    def subscriptions(self) -> dict[str, tuple[str, str]]:
+        """Every planned stream -> (pending|live|rejected, reason); pending while not open."""
+        book = self.book
+        snap = book.snapshot() if book is not None else {}
+        return {st.key: snap.get(st.key, (PENDING, "")) for st in self.plan.streams}
 
     # ---- watchdog work (manager thread) -------------------------------------------------------
     def ping(self, now: float) -> None:
@@ -427,26 +484,32 @@ class Connection:
             pass
 
     def on_control(self, ctrl: Control) -> None:
+        """A control frame the writer parsed (ACK, error, notice) for this connection."""
+        book = self.book
         if ctrl.kind == "ack":
-            pending = self.pending.pop(str(ctrl.request_id), None) if not ctrl.keys else None
-            keys = ctrl.keys or pending or ()
-            now = time.time()
-            for k in keys:
-                self.subscribed[k] = now
-            log.info("subscribed", extra={"exchange": self.exchange, "conn": self.name,
-                                          "conn_id": self.conn_id, "streams": len(keys),
-                                          "total": len(self.subscribed),
-                                          "planned": len(self.plan.streams)})
+            if book is not None:
+                book.on_ack(ctrl.request_id, ctrl.keys, time.time())
         elif ctrl.kind == "error":
-            self.pending.pop(str(ctrl.request_id), None)
             self.manager.state.count("subscription_errors", self.exchange)
-            log.warning("subscription_error", extra={"exchange": self.exchange, "conn": self.name,
-                                                     "request_id": ctrl.request_id,
-                                                     "detail": ctrl.detail, "streams": list(ctrl.keys)})
+            ours = book is not None and book.on_error(ctrl.request_id, ctrl.keys, ctrl.detail, time.time())
+            if not ours:
+                log.warning("subscription_error", extra={"exchange": self.exchange, "conn": self.name,
+                                                         "request_id": ctrl.request_id,
+                                                         "detail": ctrl.detail, "streams": list(ctrl.keys)})
+            self._sub_wake.set()
         elif ctrl.kind == "notice":
-            log.warning("exchange_notice", extra={"exchange": self.exchange, "conn": self.name,
-                                                  "detail": ctrl.detail})
-            self.manager.rotate(self, "notice")
+            self.on_urgent(ctrl)
+        self.log_book_events()
+
+    def on_urgent(self, ctrl: Control) -> None:
+        """An event that cannot wait for the writer (OKX 64008: reconnect now): acted on in the
+        socket thread, before the next frame is read; the writer's later sight of it is a no-op."""
+        if ctrl.kind != "notice" or self.notice_seen:
+            return
+        self.notice_seen = True
+        log.warning("exchange_notice", extra={"exchange": self.exchange, "conn": self.name,
+                                              "detail": ctrl.detail})
+        self.manager.rotate(self, "notice")
 
     def status(self) -> dict:
         now_ns = time.time_ns()
@@ -454,6 +517,7 @@ class Connection:
                 "conn_id": self.conn_id, "connected": self.connected,
                 "connected_since": self.connected_since, "connects": self.connects,
                 "streams": len(self.plan.streams), "subscribed": len(self.subscribed),
+                "subscriptions": self.book.counts() if self.book is not None else None,
                 "frames": self.received, "dropped": self.dropped,
                 "last_frame_age_s": round((now_ns - self.last_frame_ns) / 1e9, 3) if self.last_frame_ns else None}
 
@@ -544,8 +608,9 @@ class Manager:
             if not gone:
                 continue
             c.plan.streams = [st for st in c.plan.streams if st.symbol not in symbols]
-            for st in gone:
-                c.subscribed.pop(st.key, None)
+            book = c.book
+            if book is not None:
+                book.remove(st.key for st in gone)
             if c.connected and c.app is not None:
                 for text, _rid, _keys in c.adapter.unsubscribe_messages(gone, self.next_request_id(len(gone))):
                     try:
@@ -622,16 +687,25 @@ class Manager:
             if r is not None and (r.received > 0 and r.subscribed or
                                   time.monotonic() - c.replacing_since > 30):
                 self._retire(c, "rotated")
-            self._check_silence(c, now, now_ns)
+            book = c.book
+            if book is not None and c.connected:
+                book.on_data(self.last_seen.get(c.exchange, {}), c._open_ns, now)
+                c.log_book_events()
+                self._check_silence(c, book, now)
 
-    def _check_silence(self, c: Connection, now: float, now_ns: int) -> None:
+    def _check_silence(self, c: Connection, book: SubscriptionBook, now: float) -> None:
+        """Per stream only where the exchange pushes on a fixed period (cadence_s): trades, BBO
+        and the like are event driven, and a quiet market sends nothing for minutes. A dead
+        connection is found by `check` (no frame at all, pongs included, for stale_timeout)."""
         s = self.settings
         seen = self.last_seen.get(c.exchange, {})
         silent_map = self.state.silent_streams[c.exchange]
         for stream in c.plan.streams:
+            if stream.cadence_s is None:
+                continue
             key = (c.exchange, stream.key)
-            since = c.subscribed.get(stream.key)
-            if since is None or not c.connected:
+            since = book.live_at.get(stream.key)
+            if since is None:
                 continue
             last = max(seen.get(stream.key, 0) / 1e9, since)
             limit = max(s.silence_floor, s.silence_factor * (stream.cadence_s or 0))

@@ -149,9 +149,16 @@ KEYS = [
     Key("reconnect_stable_after", "feed", float, 60.0, _positive),
     Key("stale_timeout", "feed", float, 60.0, _positive,
         help="a connection with no frame (data, pong, ping) for this long is dead"),
-    Key("silence_factor", "feed", float, 10.0, _positive),
-    Key("silence_floor", "feed", float, 120.0, _positive,
-        help="a subscribed stream silent this long (and > factor x its cadence) is reported"),
+    Key("silence_factor", "feed", float, 10.0, _positive,
+        help="a periodic stream (mark price, funding, Bybit tickers) silent for this many of its "
+             "periods is reported; event-driven streams (trades, BBO, OKX open interest) are not "
+             "judged per stream: a quiet market is not a fault"),
+    Key("silence_floor", "feed", float, 30.0, _positive,
+        help="seconds: the shortest silence of a periodic stream that is reported"),
+    Key("subscribe_timeout", "feed", float, 10.0, _positive,
+        help="seconds to wait for a subscription's acknowledgement (or data) before sending it again"),
+    Key("subscribe_retries", "feed", int, 2, _min(0),
+        help="times an unacknowledged subscription is sent again before it is reported as rejected"),
     Key("max_streams_per_connection", "feed", int, 200, _positive),
     Key("connection_max_age", "feed", float, 0.0,
         help="seconds before a connection is rotated; 0 = the exchange's own rule"),
@@ -170,7 +177,7 @@ KEYS = [
 ]
 for _ex, _ws, _rest in (("binance", "wss://fstream.binance.com", "https://fapi.binance.com"),
                         ("bybit", "wss://stream.bybit.com", "https://api.bybit.com"),
-                        ("okx", "wss://ws.okx.com:8443", "https://www.okx.com")):
+                        ("okx", "wss://ws.okx.com", "https://www.okx.com")):
     KEYS.append(Key(f"{_ex}_ws_url", _ex, str, _ws, _url("ws", "wss")))
     KEYS.append(Key(f"{_ex}_rest_url", _ex, str, _rest, _url("http", "https")))
 KEYS_BY_NAME = {k.name: k for k in KEYS}

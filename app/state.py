@@ -22,13 +22,15 @@ from app import logs
 log = logs.get()
 
 COUNTERS = ("frames_received", "frames_dropped", "frames_unparsed", "frames_written",
-            "rows_rejected", "reconnects", "gaps", "subscription_errors",
+            "rows_rejected", "reconnects", "gaps", "subscription_errors", "subscriptions_rejected",
             "files_written", "bytes_written", "files_uploaded", "bytes_uploaded", "upload_failures")
 
 READY, DEGRADED, OFFLINE, ERROR = "READY", "DEGRADED", "OFFLINE", "ERROR"
 STATES = (READY, DEGRADED, OFFLINE, ERROR)
 _SEVERITY = {READY: 0, DEGRADED: 1, OFFLINE: 2, ERROR: 3}
 HISTORY_MINUTES = 15
+_SUB_RANK = {"live": 0, "pending": 1, "rejected": 2}
+PENDING_LISTED = 20            # pending stream names shown in /status (the count is always whole)
 
 # What the monitor samples once a second, per exchange: name in the sample -> state counter.
 _SAMPLED = (("msgs", "frames_received"), ("drops", "frames_dropped"), ("unparsed", "frames_unparsed"),
@@ -186,6 +188,33 @@ class State:
             out.setdefault(c.exchange, []).append(st)
         return out
 
+    def subscriptions(self) -> dict[str, dict]:
+        """Per exchange, every requested stream once: live if any connection has it live (a
+        rotation overlaps two), else pending, else rejected; with the rejected ones' reasons."""
+        with self._lock:
+            conns = list(self.connections.values())
+        best: dict[str, dict[str, tuple[str, str]]] = {ex: {} for ex in self.exchanges}
+        for c in conns:
+            try:
+                subs = c.subscriptions()
+            except Exception:  # noqa: BLE001 - a connection mid-teardown must not break a reader
+                continue
+            mine = best.setdefault(c.exchange, {})
+            for key, (status, reason) in subs.items():
+                old = mine.get(key)
+                if old is None or _SUB_RANK[status] < _SUB_RANK[old[0]]:
+                    mine[key] = (status, reason)
+        out = {}
+        for ex, streams in best.items():
+            statuses = [st for st, _r in streams.values()]
+            out[ex] = {"requested": len(streams), "live": statuses.count("live"),
+                       "pending": statuses.count("pending"), "rejected": statuses.count("rejected"),
+                       "rejected_streams": {k: r for k, (st, r) in sorted(streams.items())
+                                            if st == "rejected"},
+                       "pending_streams": sorted(k for k, (st, _r) in streams.items()
+                                                 if st == "pending")[:PENDING_LISTED]}
+        return out
+
     def queue_figures(self, now_ns: int | None = None) -> dict:
         """Queue size/capacity/utilisation and the writer lag (oldest frame not yet in a spool)."""
         now_ns = time.time_ns() if now_ns is None else now_ns
@@ -332,6 +361,16 @@ class Monitor:
             reasons.append((DEGRADED, "gap_rate"))
             details["gap_rate"] = {"per_min": round(gap_rate, 2),
                                    "by_exchange": {ex: d["gaps"] for ex, d in win.items() if d["gaps"]}}
+        subs = st.subscriptions()
+        pending = {ex: v["pending"] for ex, v in subs.items() if v["pending"]}
+        if pending and any(connected.values()):
+            count = sum(pending.values())
+            reasons.append((DEGRADED, "streams_pending"))
+            details["streams_pending"] = {"count": count, "by_exchange": pending,
+                                          "summary": f"{count} requested stream(s) not live yet"}
+        rejected = {ex: v["rejected_streams"] for ex, v in subs.items() if v["rejected"]}
+        if rejected:              # reported, not a degradation: the exchange refused them
+            details["streams_rejected"] = rejected
         silent = {ex: sorted(keys) for ex, keys in list(st.silent_streams.items()) if keys}
         if silent:
             reasons.append((DEGRADED, "silent_streams"))
@@ -390,9 +429,11 @@ class Monitor:
                 due = self._hb_due + self.settings.heartbeat_interval
                 self._hb_due = due if due > now else now + self.settings.heartbeat_interval
         conns = st.connection_status()
+        subs = st.subscriptions()
         exchanges = {}
         for ex, v in d.items():
             cs = conns.get(ex, [])
+            sub = subs.get(ex, {})
             exchanges[ex] = {"connections": len(cs),
                              "connected": sum(1 for c in cs if c.get("connected")),
                              "msgs_per_s": round(v["msgs"] / dt, 2), "rows_per_s": round(v["rows"] / dt, 2),
@@ -401,7 +442,8 @@ class Monitor:
                              "gaps": v["gaps"], "reconnects": v["reconnects"],
                              "files_written": v["files"], "bytes_written": v["bytes"],
                              "files_uploaded": v["files_uploaded"], "bytes_uploaded": v["bytes_uploaded"],
-                             "silent_streams": len(st.silent_streams.get(ex, ()))}
+                             "silent_streams": len(st.silent_streams.get(ex, ())),
+                             "streams": {k: sub.get(k, 0) for k in ("requested", "live", "pending", "rejected")}}
         beat = {"state": st.state, "reasons": list(st.reasons), "uptime_s": round(now - st.started_at, 1),
                 "interval_s": round(dt, 3), "exchanges": exchanges,
                 "queue": {"size": q["size"], "capacity": q["capacity"],
@@ -436,6 +478,7 @@ class Monitor:
         now = self.clock() if now is None else now
         conns = st.connection_status()
         totals = st.totals()
+        subs = st.subscriptions()
         exchanges = {}
         for ex in st.exchanges:
             cs = conns.get(ex, [])
@@ -446,6 +489,7 @@ class Monitor:
                              "frames_unparsed": t.get("unparsed", 0), "rows_written": t.get("rows", 0),
                              "gaps": t.get("gaps", 0), "reconnects": t.get("reconnects", 0),
                              "silent_streams": sorted(st.silent_streams.get(ex, {})),
+                             "subscriptions": subs.get(ex),
                              "unsupported": dict(st.unsupported.get(ex, {})),
                              **st.gap_status(ex, now)}
         return {"state": st.state, "reasons": list(st.reasons), "details": st.details,

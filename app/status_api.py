@@ -43,6 +43,7 @@ HELP = {
     "reconnects": "WebSocket reconnects",
     "gaps": "gaps detected in exchange sequence ids or times",
     "subscription_errors": "subscription errors returned by the exchange",
+    "subscriptions_rejected": "streams reported rejected (refused by the exchange, or never acknowledged)",
     "discovery_failures": "instrument discovery failures",
     "files_written": "Parquet files written",
     "bytes_written": "Parquet bytes written",
@@ -90,6 +91,7 @@ def gauges(state, now: float | None = None) -> list[tuple[str, str, list[tuple[d
     now = state.clock() if now is None else now
     q = state.queue_figures(int(now * 1e9))
     conns = state.connection_status()
+    subs = state.subscriptions()
     out = [
         ("state", "1 for the current state (READY, DEGRADED, OFFLINE, ERROR)",
          [({"state": s}, 1 if state.state == s else 0) for s in STATES]),
@@ -103,8 +105,13 @@ def gauges(state, now: float | None = None) -> list[tuple[str, str, list[tuple[d
          [({"exchange": ex}, len(cs)) for ex, cs in conns.items()]),
         ("connections_connected", "connected WebSocket connections",
          [({"exchange": ex}, sum(1 for c in cs if c.get("connected"))) for ex, cs in conns.items()]),
-        ("silent_streams", "subscribed streams silent past their threshold",
+        ("silent_streams", "live periodic streams silent past their threshold",
          [({"exchange": ex}, len(state.silent_streams.get(ex, ()))) for ex in state.exchanges]),
+        ("streams_requested", "streams the collector asked the exchange for",
+         [({"exchange": ex}, v["requested"]) for ex, v in subs.items()]),
+        ("streams", "requested streams by subscription status (live, pending, rejected)",
+         [({"exchange": ex, "status": st}, v[st]) for ex, v in subs.items()
+          for st in ("live", "pending", "rejected")]),
         ("upload_backlog_files", "files waiting for upload", [({}, (state.upload_backlog or {}).get("files", 0))]),
         ("upload_backlog_bytes", "bytes waiting for upload", [({}, (state.upload_backlog or {}).get("bytes", 0))]),
         ("upload_backlog_oldest_age_seconds", "age of the oldest file waiting for upload",

@@ -42,7 +42,7 @@ def test_module_exposes_the_adapter_interface():
     assert okx.GAP_RULES == {"trades": SequenceRule("last_trade_id", count_column="trade_count")}
     for rule_ds, rule in okx.GAP_RULES.items():               # the rule names real columns
         assert rule.column in schema.ROW_INDEX[rule_ds] and rule.count_column in schema.ROW_INDEX[rule_ds]
-    assert okx.ws_url("wss://ws.okx.com:8443", "/ws/v5/public") == "wss://ws.okx.com:8443/ws/v5/public"
+    assert okx.ws_url("wss://ws.okx.com", "/ws/v5/public") == "wss://ws.okx.com/ws/v5/public"
 
 
 @pytest.mark.parametrize("symbol, expected", [

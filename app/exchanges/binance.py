@@ -25,8 +25,20 @@ SUBSCRIBE_INTERVAL_S = 0.25                   # <= 10 inbound messages/s, pings 
 MAX_STREAMS_PER_CONNECTION = 200              # documented 1024 (2026) / 200 (older): be safe
 PARAMS_PER_REQUEST = 100
 GAP_RULES = {"trades": SequenceRule("trade_id")}   # aggTrade `a` is +1 per symbol
+REJECTS_WHOLE_REQUEST = True                  # an error answers the whole SUBSCRIBE request
+URGENT_MARK = b""                             # no in-band event must bypass the writer
+URGENT_WITHIN = 0
 UNSUPPORTED_DATASETS = {"open_interest": "Binance USD-M publishes no open-interest WebSocket stream"}
 _QUOTES = ("USDT", "USDC")
+
+# Fields of each channel's data object that `parse` maps or reads (bin/collector --probe lists the
+# others it sees, so a field an exchange adds is noticed).
+MAPPED_FIELDS = {
+    "bookTicker": frozenset({"e", "s", "T", "E", "b", "B", "a", "A", "u"}),
+    "aggTrade": frozenset({"e", "s", "T", "E", "a", "p", "q", "m", "f", "l"}),
+    "trade": frozenset({"e", "s", "T", "E", "t", "p", "q", "m"}),
+    "markPrice@1s": frozenset({"e", "s", "E", "p", "i", "P", "r", "T"}),
+}
 
 _CHANNELS = {  # dataset -> (stream suffix, path, cadence)
     "bbo": ("bookTicker", "/public", None),
@@ -174,9 +186,16 @@ def parse(item: tuple, sink) -> Control | None:
         raise FrameError(f"malformed data frame: {e!r}") from None
     if "result" in msg and "id" in msg:
         return Control("ack" if msg["result"] is None else "info", msg["id"], ujson.dumps(msg["result"]))
+    err = msg.get("error")
+    if type(err) is dict:           # the routed endpoints wrap it: {"error":{"code","msg"},"id"}
+        return Control("error", msg.get("id"), f"{err.get('code')}: {err.get('msg', '')}")
     if "code" in msg:
         return Control("error", msg.get("id"), f"{msg['code']}: {msg.get('msg', '')}")
     raise FrameError("unrecognised message")
+
+
+def urgent_control(payload) -> Control | None:
+    return None
 
 
 # ---- batch parsing: the writer's fast path (declared per stream kind: app/exchanges/batch.py) ---

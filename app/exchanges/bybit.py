@@ -62,6 +62,9 @@ KEEPALIVE = Keepalive("text", '{"op":"ping"}', 20.0)
 MAX_CONNECTION_AGE_S = None                 # no documented forced close
 CONNECT_INTERVAL_S = 0.6                    # <= 500 new connections per 5 min per domain
 SUBSCRIBE_IN_URL = False
+REJECTS_WHOLE_REQUEST = True                # `success:false` for one bad topic fails them all
+URGENT_MARK = b""                           # no in-band event must bypass the writer
+URGENT_WITHIN = 0
 SUBSCRIBE_INTERVAL_S = 0.2                  # WS message rate undocumented; ACKs take ~200 ms
 MAX_TOPICS_PER_CONNECTION = 200
 ARGS_CHARS_PER_CONNECTION = 21_000          # documented limit on one connection's args
@@ -70,8 +73,17 @@ GAP_RULES: dict = {}
 UNSUPPORTED_DATASETS: dict = {}
 _SETTLE = ("USDT", "USDC")
 
+# Fields of each channel's data items that `parse` maps or reads (bin/collector --probe lists the
+# others it sees, so a field an exchange adds is noticed).
+MAPPED_FIELDS = {
+    "orderbook.1": frozenset({"s", "b", "a", "u", "seq"}),
+    "publicTrade": frozenset({"s", "T", "i", "p", "v", "S", "BT"}),
+    "tickers": frozenset({"symbol", "markPrice", "indexPrice", "fundingRate", "nextFundingTime",
+                          "fundingIntervalHour", "openInterest", "openInterestValue"}),
+}
+
 _CHANNELS = {  # dataset -> (topic prefix, cadence)
-    "bbo": ("orderbook.1", 3.0),
+    "bbo": ("orderbook.1", 3.0),      # documented: the snapshot is re-sent after 3 s unchanged
     "trades": ("publicTrade", None),
     "mark_price": ("tickers", 1.0),
     "funding": ("tickers", 1.0),
@@ -202,11 +214,17 @@ def _control(msg: dict) -> Control:
     if op == "ping" or op == "pong" or ret_msg == "pong":
         return Control("pong", rid, ret_msg)
     success = msg.get("success")
+    if success is False and op == "subscribe" and ret_msg.startswith("error:already subscribed"):
+        return Control("ack", rid, ret_msg)     # a retried request whose first ACK was late
     if success is False:
         return Control("error", rid, f"{op}: {ret_msg}" if op else ret_msg)
     if success is True:
         return Control("ack" if op == "subscribe" else "info", rid, ret_msg)
     raise FrameError("unrecognised message")
+
+
+def urgent_control(payload) -> Control | None:
+    return None
 
 
 def _data(msg: dict, topic: str, ts_recv: int, conn_id: int, recv_seq: int, sink) -> None:

@@ -52,6 +52,8 @@ event (e.g. channel-conn-count) -> "info".
 """
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import ujson
@@ -66,6 +68,9 @@ KEEPALIVE = Keepalive("text", "ping", 20.0)       # server closes after 30 s of 
 MAX_CONNECTION_AGE_S = None                       # no documented forced close
 CONNECT_INTERVAL_S = 0.4                          # <= 3 new connections per second per IP
 SUBSCRIBE_IN_URL = False
+REJECTS_WHOLE_REQUEST = False                     # every arg is ACKed or refused on its own
+URGENT_MARK = b'"notice"'                         # 64008: the socket closes for an upgrade soon
+URGENT_WITHIN = 40                                # `{"event":"notice"` opens the frame
 SUBSCRIBE_INTERVAL_S = 0.25                       # "60014 requests too frequent" rate undocumented
 MAX_STREAMS_PER_CONNECTION = 200                  # no documented cap on public channels; be modest
 ARGS_PER_REQUEST = 100                            # 480 (un)subscribe requests per hour per connection
@@ -74,8 +79,18 @@ GAP_RULES = {"trades": SequenceRule("last_trade_id", count_column="trade_count")
 UNSUPPORTED_DATASETS: dict = {}
 _SETTLE = ("USDT", "USDC")
 
+# Fields of each channel's data items that `parse` maps or reads (bin/collector --probe lists the
+# others it sees, so a field an exchange adds is noticed).
+MAPPED_FIELDS = {
+    "bbo-tbt": frozenset({"asks", "bids", "ts", "seqId"}),
+    "trades": frozenset({"tradeId", "px", "sz", "side", "ts", "count"}),
+    "mark-price": frozenset({"markPx", "ts"}),
+    "funding-rate": frozenset({"fundingRate", "nextFundingTime", "fundingTime", "nextFundingRate", "ts"}),
+    "open-interest": frozenset({"oi", "oiUsd", "ts"}),
+}
+
 _CHANNELS = {  # dataset -> (channel, cadence)
-    "bbo": ("bbo-tbt", 60.0),
+    "bbo": ("bbo-tbt", 60.0),         # the latest snapshot is re-sent after ~60 s unchanged
     "trades": ("trades", None),
     "mark_price": ("mark-price", 10.0),
     "funding": ("funding-rate", 90.0),
@@ -185,12 +200,19 @@ def _request_id(rid):
     return rid or None
 
 
+_MISSING = re.compile(r"channel:([^,\s]+),instId:(\S+) doesn't exist")
+
+
 def _control(msg: dict, event) -> Control:
     arg = msg.get("arg")
     keys = ()
     if type(arg) is dict and "channel" in arg:
         target = arg.get("instId") or arg.get("instFamily") or arg.get("instType") or ""
         keys = (f"{arg['channel']}:{target}",)
+    elif event == "error":        # 60018 names the arg only in its message
+        found = _MISSING.search(str(msg.get("msg", "")))
+        if found:
+            keys = (f"{found.group(1)}:{found.group(2)}",)
     rid = _request_id(msg.get("id"))
     if event == "subscribe":
         return Control("ack", rid, "", keys)
@@ -202,6 +224,17 @@ def _control(msg: dict, event) -> Control:
         detail = f"{event} {msg['code']}: {msg.get('msg', '')}" if "code" in msg else event
         return Control("info", rid, detail, keys)
     raise FrameError("unrecognised event")
+
+
+def urgent_control(payload) -> Control | None:
+    """The notice (64008) read on the socket thread, so rotation starts before the next frame."""
+    try:
+        msg = ujson.loads(payload)
+    except ValueError:
+        return None
+    if type(msg) is dict and msg.get("event") == "notice":
+        return _control(msg, "notice")
+    return None
 
 
 def _data(channel: str, inst_id: str, data: list, ts_recv: int, conn_id: int, recv_seq: int, sink) -> None:
