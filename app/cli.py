@@ -6,6 +6,7 @@ import ctypes
 import sys
 
 from app import logs, settings as settings_mod
+from app.probe import KINDS as PROBE_KINDS, PROBE_SYMBOLS
 
 
 def tune_malloc() -> None:
@@ -39,8 +40,17 @@ def collector_main(argv: list[str]) -> int:
     p.add_argument("--data-dir", dest="data_dir", help="local root / spool directory")
     p.add_argument("--status-port", dest="status_port", help="status API port")
     p.add_argument("--instance-id", dest="instance_id", help="names this instance's files")
+    p.add_argument("--probe", action="store_true",
+                   help="connect to the configured endpoints, subscribe every kind for a few symbols "
+                        "(default BTCUSDT,ETHUSDT), write nothing, print what came back; exit 0 if "
+                        "every kind parsed rows without errors")
+    p.add_argument("--seconds", type=float, default=60.0, help="--probe: how long to listen")
     args = p.parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    flags = {k: v for k, v in vars(args).items()
+             if k not in ("config", "probe", "seconds") and v is not None}
+    if args.probe:
+        flags.setdefault("symbols", ",".join(PROBE_SYMBOLS))
+        flags["datasets"] = ",".join(PROBE_KINDS)
     logs.setup()
     try:
         settings = settings_mod.load(args.config, flags)
@@ -48,6 +58,9 @@ def collector_main(argv: list[str]) -> int:
         print(f"collector: {e}", file=sys.stderr)
         logs.get().error("settings_invalid", extra={"setting": e.key, "error": str(e)})
         return 2
+    if args.probe:
+        from app import probe
+        return probe.run(settings, args.seconds)
     from app.collector import StartupError, run
     try:
         return run(settings)

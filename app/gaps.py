@@ -197,6 +197,12 @@ class _Outage:
     aligned: dict = field(default_factory=dict)         # symbol -> worker result
     aligned_at: dict = field(default_factory=dict)      # symbol -> detector clock
     results: dict = field(default_factory=dict)         # symbol -> measured figures
+    ts_stop: int | None = None     # ns: the collector stopped before the stream came back
+
+    @property
+    def ts_to(self) -> int:
+        """End of the hole: the first frame after it, else the stop, the reconnect, the close."""
+        return self.ts_first or self.ts_stop or self.ts_up or self.ts_down
 
 
 def _group_last(table: pa.Table, columns: list[str]) -> dict:
@@ -454,14 +460,26 @@ class GapDetector:
                 self._emit_trades(o, h)
             else:
                 self._emit(Gap(o.exchange, h.stream.datasets[0], sym, "disconnect", None, None, None,
-                               o.ts_last, o.ts_first or o.ts_up or o.ts_down), **self._extra(o, key))
+                               o.ts_last, o.ts_to), **self._extra(o, key))
             h.done = True
         if all(h.done for h in o.holes.values()):
             self._finish(o)
 
+    def _settle_all_at_stop(self) -> None:
+        """An outage still open at shutdown (no frame since the reconnect, or no reconnect) is
+        reported up to now, marked `open_at_stop`: dropping it would hide a loss."""
+        now = self.clock()
+        for o in list(self.outages.values()):
+            if o.ts_first is None:
+                o.ts_stop = time.time_ns()
+            self._settle(o, now, force=True)
+
     def _extra(self, o: _Outage, key: str) -> dict:
-        return {"stream": key, "conn": o.conn_name, "conn_id_before": o.old_conn_id,
-                "conn_id_after": o.new_conn_id}
+        extra = {"stream": key, "conn": o.conn_name, "conn_id_before": o.old_conn_id,
+                 "conn_id_after": o.new_conn_id}
+        if o.ts_stop is not None:
+            extra["open_at_stop"] = True
+        return extra
 
     def _emit_trades(self, o: _Outage, h: _Hole) -> None:
         from app.alignment import measure
@@ -484,7 +502,7 @@ class GapDetector:
                    "rest_missed": m["rest_missed"], "method": m["method"], "exact": m["exact"],
                    "alignment": status}
         o.results[sym] = figures
-        ts_to = o.ts_first or o.ts_up or o.ts_down
+        ts_to = o.ts_to
         from_id = int(h.last_id) if exact and h.last_id is not None else None
         to_id = int(h.first_id) if exact and h.first_id is not None else None
         self._emit(Gap(ex, "trades", sym, "disconnect", from_id, to_id, m["missed"], o.ts_last, ts_to),
@@ -504,8 +522,8 @@ class GapDetector:
         measured = [r["missed"] for r in res.values() if r["missed"] is not None]
         summary = {"exchange": o.exchange, "conn": o.conn_name, "conn_id_before": o.old_conn_id,
                    "conn_id_after": o.new_conn_id, "ts_from": o.ts_last,
-                   "ts_to": o.ts_first or o.ts_up or o.ts_down,
-                   "window_s": round(((o.ts_first or o.ts_up or o.ts_down) - o.ts_last) / 1e9, 3),
+                   "ts_to": o.ts_to,
+                   "window_s": round(((o.ts_to) - o.ts_last) / 1e9, 3),
                    "symbols": len(res), "measured": len(measured), "missed_total": sum(measured),
                    "rest_ok": statuses.count("ok"), "skipped": statuses.count("skipped"),
                    "failed": statuses.count("failed"),
@@ -557,12 +575,9 @@ class GapDetector:
             except queue.Empty:
                 item = False
             try:
-                if item is None:          # stopping: report what came back, as measured so far
+                if item is None:          # stopping: every outage is reported, as measured so far
                     self._close_group()
-                    now = self.clock()
-                    for o in list(self.outages.values()):
-                        if o.ts_first is not None:
-                            self._settle(o, now, force=True)
+                    self._settle_all_at_stop()
                     return
                 if item is False:
                     self._close_group()

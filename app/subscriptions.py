@@ -48,7 +48,7 @@ class SubscriptionBook:
         self._due: list[tuple[float, tuple[str, ...], bool]] = [(now, tuple(self.streams), False)]
         self._requests: dict[str, tuple[float, tuple[str, ...]]] = {}   # request id -> (sent, keys)
         self._round_started = now
-        self._round_requests = 0
+        self.round_requests = 0
         self._round_open = True
         self.events: list[tuple[str, dict]] = []
 
@@ -77,7 +77,7 @@ class SubscriptionBook:
                         else:
                             self._alone.discard(k)
                     out.append((text, rid, part))
-            self._round_requests += len(out)
+            self.round_requests += len(out)
             return out
 
     def next_due(self) -> float | None:
@@ -215,4 +215,4 @@ class SubscriptionBook:
         values = list(self.status.values())
         self.events.append(("subscribed", {
             "requested": len(values), "live": values.count(LIVE), "rejected": values.count(REJECTED),
-            "requests": self._round_requests, "seconds": round(now - self._round_started, 3)}))
+            "requests": self.round_requests, "seconds": round(now - self._round_started, 3)}))

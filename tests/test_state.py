@@ -31,6 +31,10 @@ class FakeConn:
         self.received = 0
         self.dropped = 0
         self.connected = connected
+        self.subs: dict[str, tuple[str, str]] = {}     # stream key -> (status, reason)
+
+    def subscriptions(self) -> dict:
+        return dict(self.subs)
 
     def status(self) -> dict:
         return {"name": self.name, "exchange": self.exchange, "connected": self.connected,
@@ -216,6 +220,32 @@ def test_gap_rate_is_per_minute_over_a_shorter_window(rig):
     st.count("gaps", "binance", 6)             # 6 in 30 s = 12 per minute
     run(mon, clock, 1)
     assert st.state == DEGRADED and st.details["gap_rate"]["per_min"] == 12.0
+
+
+def test_streams_not_live_degrade_until_live_or_rejected(rig):
+    """READY only once every requested stream is live or rejected-and-reported; a rotation's
+    overlap counts each stream once, at its best status."""
+    st, mon, clock, conns, _q = rig()
+    conn = conns["binance"]
+    conn.subs = {"a": ("live", ""), "b": ("pending", ""), "c": ("pending", "")}
+    run(mon, clock, 1)
+    assert st.state == DEGRADED and st.reasons == ["streams_pending"]
+    assert st.details["streams_pending"]["count"] == 2
+    assert st.details["streams_pending"]["by_exchange"] == {conn.exchange: 2}
+    conn.subs["b"] = ("live", "")
+    conn.subs["c"] = ("rejected", "60018: doesn't exist")
+    run(mon, clock, 1)
+    assert st.state == READY
+    assert st.details["streams_rejected"] == {conn.exchange: {"c": "60018: doesn't exist"}}
+    sub = st.subscriptions()[conn.exchange]
+    assert (sub["requested"], sub["live"], sub["pending"], sub["rejected"]) == (3, 2, 0, 1)
+    replacement = FakeConn(conn.exchange, 9)
+    replacement.subs = {"a": ("pending", ""), "b": ("pending", ""), "c": ("pending", "")}
+    st.register_connection(replacement)
+    run(mon, clock, 1)
+    sub = st.subscriptions()[conn.exchange]
+    assert (sub["requested"], sub["live"], sub["pending"], sub["rejected"]) == (3, 2, 1, 0)
+    assert st.state == DEGRADED and st.details["streams_pending"]["count"] == 1
 
 
 def test_silent_stream(rig):
