@@ -330,14 +330,15 @@ class Connection:
             add_ts(time_ns())
             add_payload(data)
 
-        mark = self.adapter.URGENT_MARK
-        if mark:
-            within, urgent = self.adapter.URGENT_WITHIN, self.adapter.urgent_control
-            record = on_message
+        screen = self.adapter.URGENT_SCREEN
+        if screen:
+            size, urgent = len(screen), self.adapter.urgent_control
 
-            def on_message(_ws, data):     # noqa: F811 - the same, plus a look for urgent events
-                record(_ws, data)
-                if data.find(mark, 0, within) != -1:
+            def on_message(_ws, data):     # noqa: F811 - the same, and a look at non-data frames
+                add_seq(next_seq())
+                add_ts(time_ns())
+                add_payload(data)
+                if data[:size] != screen:
                     ctrl = urgent(data)
                     if ctrl is not None:
                         self.on_urgent(ctrl)

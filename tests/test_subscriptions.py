@@ -137,9 +137,10 @@ def test_bybit_already_subscribed_on_a_retry_is_an_ack():
 
 def test_okx_notice_is_recognised_from_the_raw_bytes():
     frame = b'{"event":"notice","code":"64008","msg":"The connection will soon be closed for a service upgrade. Please reconnect.","connId":"a4d3ae55"}'
-    assert frame.find(okx.URGENT_MARK, 0, okx.URGENT_WITHIN) != -1
+    assert not frame.startswith(okx.URGENT_SCREEN)
     ctrl = okx.urgent_control(frame)
     assert ctrl.kind == "notice" and "64008" in ctrl.detail
     data = b'{"arg":{"channel":"bbo-tbt","instId":"BTC-USDT-SWAP"},"data":[{"asks":[],"bids":[],"ts":"1"}]}'
-    assert data.find(okx.URGENT_MARK, 0, okx.URGENT_WITHIN) == -1
+    assert data.startswith(okx.URGENT_SCREEN)        # data frames skip the look entirely
+    assert okx.urgent_control(b'{"id":"3","event":"subscribe","arg":{"channel":"trades"}}') is None
     assert binance.urgent_control(frame) is None and bybit.urgent_control(frame) is None

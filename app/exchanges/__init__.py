@@ -14,6 +14,10 @@ Every module exposes the same names:
     SUBSCRIBE_INTERVAL_S      pause between subscribe messages on one connection
     GAP_RULES                 {dataset: SequenceRule} for streams whose ids allow exact loss counts
     SUBSCRIBE_IN_URL          the connection URL itself names the streams (no subscribe ACK)
+    REJECTS_WHOLE_REQUEST     an error answers the whole subscribe request (else: the args it names)
+    URGENT_SCREEN             bytes every plain data frame opens with; other frames go through
+                              urgent_control on the socket thread (None: nothing is urgent)
+    MAPPED_FIELDS             {channel: fields of a data item that parse maps} (--probe lists the rest)
     ws_url(base, path, streams)  full WebSocket URL of a connection
     discovery_request(cursor) (path, params) of the instrument listing (cursor None = first page)
     parse_discovery(body)     Discovery(instruments, skipped, next_cursor)
@@ -23,6 +27,7 @@ Every module exposes the same names:
     subscribe_messages(streams, first_id)    [(text, request id, stream keys)]
     unsubscribe_messages(streams, first_id)  likewise
     parse(item, sink)         one queue item -> rows into sink; returns a Control or None
+    urgent_control(payload)   a Control that cannot wait for the writer (OKX notice), or None
     parse_batch(cols)         optional fast path: schema.FrameColumns of many frames -> BatchResult
                               (Arrow tables; frames it does not handle are left to `parse`)
 """

@@ -26,8 +26,7 @@ MAX_STREAMS_PER_CONNECTION = 200              # documented 1024 (2026) / 200 (ol
 PARAMS_PER_REQUEST = 100
 GAP_RULES = {"trades": SequenceRule("trade_id")}   # aggTrade `a` is +1 per symbol
 REJECTS_WHOLE_REQUEST = True                  # an error answers the whole SUBSCRIBE request
-URGENT_MARK = b""                             # no in-band event must bypass the writer
-URGENT_WITHIN = 0
+URGENT_SCREEN = None                          # no in-band event must bypass the writer
 UNSUPPORTED_DATASETS = {"open_interest": "Binance USD-M publishes no open-interest WebSocket stream"}
 _QUOTES = ("USDT", "USDC")
 

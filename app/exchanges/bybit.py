@@ -63,8 +63,7 @@ MAX_CONNECTION_AGE_S = None                 # no documented forced close
 CONNECT_INTERVAL_S = 0.6                    # <= 500 new connections per 5 min per domain
 SUBSCRIBE_IN_URL = False
 REJECTS_WHOLE_REQUEST = True                # `success:false` for one bad topic fails them all
-URGENT_MARK = b""                           # no in-band event must bypass the writer
-URGENT_WITHIN = 0
+URGENT_SCREEN = None                          # no in-band event must bypass the writer
 SUBSCRIBE_INTERVAL_S = 0.2                  # WS message rate undocumented; ACKs take ~200 ms
 MAX_TOPICS_PER_CONNECTION = 200
 ARGS_CHARS_PER_CONNECTION = 21_000          # documented limit on one connection's args

@@ -69,8 +69,7 @@ MAX_CONNECTION_AGE_S = None                       # no documented forced close
 CONNECT_INTERVAL_S = 0.4                          # <= 3 new connections per second per IP
 SUBSCRIBE_IN_URL = False
 REJECTS_WHOLE_REQUEST = False                     # every arg is ACKed or refused on its own
-URGENT_MARK = b'"notice"'                         # 64008: the socket closes for an upgrade soon
-URGENT_WITHIN = 40                                # `{"event":"notice"` opens the frame
+URGENT_SCREEN = b'{"arg"'                         # data frames open so; others may be a notice
 SUBSCRIBE_INTERVAL_S = 0.25                       # "60014 requests too frequent" rate undocumented
 MAX_STREAMS_PER_CONNECTION = 200                  # no documented cap on public channels; be modest
 ARGS_PER_REQUEST = 100                            # 480 (un)subscribe requests per hour per connection
@@ -227,7 +226,10 @@ def _control(msg: dict, event) -> Control:
 
 
 def urgent_control(payload) -> Control | None:
-    """The notice (64008) read on the socket thread, so rotation starts before the next frame."""
+    """The notice (64008) read on the socket thread, so rotation starts before the next frame.
+    Called for the frames that do not open with URGENT_SCREEN (ACKs, pongs, events)."""
+    if payload.find(b'"notice"', 0, 64) == -1:
+        return None
     try:
         msg = ujson.loads(payload)
     except ValueError:
