@@ -7,6 +7,10 @@ loopback in a background thread and exposes fault injection and counters to the 
 
     sim = Simulator(exchanges=("binance", "bybit", "okx"), symbols=None, rate=20.0)
     sim.start(); sim.urls["okx"]["ws"] + "/ws/v5/public"; ...; sim.stats(); sim.stop()
+
+Topics are named the way the collector names streams: Binance `btcusdt@bookTicker`, Bybit
+`orderbook.1.BTCUSDT`, OKX `bbo-tbt:BTC-USDT-SWAP`.  Symbols are native: `BTCUSDT` (Binance,
+Bybit; `BTCPERP` for Bybit USDC), `BTC-USDT-SWAP` (OKX).
 """
 from __future__ import annotations
 
@@ -34,10 +38,29 @@ class Simulator:
                  binance_weight_limit=2400, binance_ban_seconds=120.0,
                  bybit_max_args_chars=21000, bybit_ip_limit=600, bybit_endpoint_limit=50,
                  bybit_ban_seconds=600.0, okx_max_conn_per_sec=3, okx_max_sub_per_hour=480,
-                 okx_rest_limit_factor=1.0, rest_history=500):
+                 okx_rest_limit_factor=1.0, rest_history=500,
+                 reject_topics=None, quiet_symbols=None, binance_error_form="wrapped",
+                 binance_reject_close=False, okx_notice_seq_reset=False):
+        """New options (all default to the previous behaviour except `binance_error_form`):
+
+        reject_topics         {"bybit": ["publicTrade.BTCUSDT"], ...}: subscribes naming these
+                              topics get the exchange's rejection (see `reject`); a dict
+                              {topic: reason} per exchange sets the message text too.
+        quiet_symbols         {"okx": ["ETH-USDT-SWAP"], ...}: quiet from the start (see `quiet`).
+        binance_error_form    "wrapped" (live server: {"error":{"code","msg"},"id"}) or "flat"
+                              (the docs' table: {"code","msg","id"}), for every Binance error reply.
+        binance_reject_close  close a Binance socket after rejecting a SUBSCRIBE (1008).
+        okx_notice_seq_reset  okx_notice's close also restarts every instId's seqId lower.
+        """
         for e in exchanges:
             if e not in EXCHANGES:
                 raise ValueError(f"unknown exchange {e!r}")
+        for opt, val in (("reject_topics", reject_topics), ("quiet_symbols", quiet_symbols)):
+            for e in (val or {}):
+                if e not in EXCHANGES:
+                    raise ValueError(f"{opt}: unknown exchange {e!r}")
+        if binance_error_form not in ("wrapped", "flat"):
+            raise ValueError(f"binance_error_form must be 'wrapped' or 'flat', not {binance_error_form!r}")
         self.exchanges = tuple(exchanges)
         self.cfg = dict(seed=seed, rate=rate, cadence_scale=cadence_scale,
                         binance_ping_interval=binance_ping_interval,
@@ -53,7 +76,12 @@ class Simulator:
                         bybit_ban_seconds=bybit_ban_seconds,
                         okx_max_conn_per_sec=okx_max_conn_per_sec,
                         okx_max_sub_per_hour=okx_max_sub_per_hour,
-                        okx_rest_limit_factor=okx_rest_limit_factor, rest_history=rest_history)
+                        okx_rest_limit_factor=okx_rest_limit_factor, rest_history=rest_history,
+                        reject_topics=dict(reject_topics or {}),
+                        quiet_symbols=dict(quiet_symbols or {}),
+                        binance_error_form=binance_error_form,
+                        binance_reject_close=bool(binance_reject_close),
+                        okx_notice_seq_reset=bool(okx_notice_seq_reset))
         self.symbols = symbols
         self.replay = replay or {}
         self.replay_rate = replay_rate
@@ -86,7 +114,11 @@ class Simulator:
                     wp, rp = self.port_base + 2 * n, self.port_base + 2 * n + 1
                 urls[name] = await start_exchange(ex, self.host, wp, rp)
             return urls
-        self.urls = self._lt.call(_start, timeout=30)
+        try:
+            self.urls = self._lt.call(_start, timeout=30)
+        except BaseException:
+            self.stop()                  # e.g. an unknown quiet symbol: no half-started loop
+            raise
         return self
 
     def stop(self):
@@ -97,10 +129,12 @@ class Simulator:
             for ex in self._ex.values():
                 for t in ex.tasks:
                     t.cancel()
-                ex.ws_server.close(close_connections=False)
+                if ex.ws_server is not None:
+                    ex.ws_server.close(close_connections=False)
                 for c in list(ex.conns.values()):
                     c.transport.abort()
-                ex.rest_server.close()
+                if ex.rest_server is not None:
+                    ex.rest_server.close()
             await asyncio.sleep(0.05)
         try:
             self._lt.call(_stop, timeout=10)
@@ -162,8 +196,50 @@ class Simulator:
     def send_raw(self, exchange, payload, n=1):
         return self._lt.call(self._get(exchange).send_raw, payload, n)
 
-    def okx_notice(self, delay=60.0):
-        return self._lt.call(self._get("okx").notice, delay)
+    def okx_notice(self, delay=60.0, seq_reset=None):
+        """OKX 64008 notice `{"event":"notice","code":"64008","msg":"The connection will soon be
+        closed for a service upgrade. Please reconnect.","connId":…}` on every /ws/v5/public and
+        /ws/v5/private socket, which are closed `delay` s later; returns how many got it.
+        `seq_reset` (None: the `okx_notice_seq_reset` option) restarts every instId's seqId lower
+        at that close, as after maintenance."""
+        return self._lt.call(self._get("okx").notice, delay, seq_reset)
+
+    def reject(self, exchange, topic, reason=None):
+        """From now on a subscribe naming `topic` gets the exchange's real rejection:
+        Bybit: the whole request fails `{"success":false,"ret_msg":"error:handler not found,
+        topic:<topic>",…}`, nothing of it is subscribed.  OKX: that arg alone gets `{"id":…,
+        "event":"error","code":"60018","msg":"Wrong URL or channel:<ch>,instId:<id> doesn't exist.
+        …","connId":…}` (no `arg`), the other args are ACKed.  Binance: a JSON SUBSCRIBE naming it
+        gets `{"error":{"code":2,"msg":"Invalid request: invalid stream"},"id":N}` and nothing of
+        that request is subscribed; streams named in the URL are accepted and stay silent.
+        `reason` replaces the message text (ret_msg / msg).  Existing subscriptions are kept."""
+        self._lt.call(self._get(exchange).reject, topic, reason)
+
+    def unreject(self, exchange, topic):
+        self._lt.call(self._get(exchange).unreject, topic)
+
+    def quiet(self, exchange, symbol, seconds=None):
+        """`symbol` (native) has no trades and no book changes for `seconds` (None: until
+        `unquiet`): no event-driven frames (Binance bookTicker/aggTrade/trade, Bybit publicTrade
+        and orderbook.1 changes, OKX bbo-tbt changes/trades/trades-all/open-interest); periodic
+        channels go on (Binance markPrice, Bybit tickers, OKX mark-price/funding-rate), and so do
+        the documented resends of an unchanged book (Bybit orderbook.1 after 3 s, OKX bbo-tbt
+        after 60 s, both x cadence_scale) and the initial snapshots on subscribe."""
+        self._lt.call(self._get(exchange).quiet, symbol, seconds)
+
+    def unquiet(self, exchange, symbol):
+        self._lt.call(self._get(exchange).unquiet, symbol)
+
+    def okx_seq_reset(self, symbol):
+        """The next seqId of OKX `symbol` (bbo-tbt; trades share the counter) starts lower, as
+        after maintenance; returns the new base (the next seqId is above it)."""
+        return self._lt.call(self._get("okx").seq_reset, symbol)
+
+    def bybit_ob_restart(self, symbol):
+        """Push an orderbook.1 snapshot of Bybit `symbol` with u=1 now (as after a service
+        restart); later changes go on u=2, 3, ….  Returns the sockets it went to (0 if the topic
+        is silenced or the exchange paused: then the next change carries u=1)."""
+        return self._lt.call(self._get("bybit").ob_restart, symbol)
 
     def rest_fail(self, exchange, status, n, body=None, headers=None):
         """The next `n` REST requests get `status` (with `body` and `headers`, e.g. Retry-After)."""

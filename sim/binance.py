@@ -8,6 +8,16 @@ Why the rules below (see /work/shared/exchanges/binance.md, "Simulator checklist
 * The pitfall the collector must survive: a stream on the wrong entry point or an unknown symbol
   is ACKed `{"result":null,"id":N}` and then *silent*.  We record it in the socket's
   subscriptions (LIST_SUBSCRIPTIONS shows it) but never route data to it.
+* Errors: the live server nests them, `{"error":{"code":2,"msg":"…"},"id":N}` (`"id":null`
+  when the request had none); the docs' tables show a flat `{"code":2,"msg":"…"}`.
+  `binance_error_form="flat"` sends the documented flat form (`id` only when the request had
+  one).  Evidence in binance.md §4.
+* Rejected topics (`Simulator.reject`): a JSON `SUBSCRIBE` naming one gets code 2 ("Invalid
+  request: invalid stream" unless a reason is given) and subscribes nothing of that request;
+  with `binance_reject_close` the socket is then closed (1008; code unconfirmed), as a third
+  party measured after an "invalid stream" error.  Streams named in the URL are never rejected:
+  they are accepted and stay silent, like an unknown symbol.
+* Quiet symbols: no bookTicker/aggTrade/trade frames; markPrice goes on.
 * Keepalive is server-driven: protocol ping every `binance_ping_interval`, close 1008 if no pong
   within `binance_pong_timeout`, close 1001 at `binance_max_conn_age`, close 1008 on > 10 inbound
   messages per second (text messages counted), cap `binance_max_streams` streams per socket
@@ -114,18 +124,25 @@ class Binance(ExchangeBase):
 
     def _subscribe(self, conn, streams):
         entry = conn.st["kind"][0]
+        rej = self.rejected
         for s in streams:
             if s in conn.subs:
                 continue
-            ok = self.routable(entry, s)
+            ok = s not in rej and self.routable(entry, s)     # rejected in the URL: accepted, silent
             conn.subs[s] = ok
             if ok:
                 self.deliver(conn, s)
 
+    def lookup(self, symbol):
+        return self.by_sym.get(symbol) or self.by_lsym.get(symbol)
+
     def _err(self, conn, code, msg, rid=None, has_id=False):
-        d = {"code": code, "msg": msg}
-        if has_id:
-            d["id"] = rid
+        if self.cfg.get("binance_error_form", "wrapped") == "flat":
+            d = {"code": code, "msg": msg}
+            if has_id:
+                d["id"] = rid
+        else:
+            d = {"error": {"code": code, "msg": msg}, "id": rid if has_id else None}
         self.control(conn, dumps(d))
 
     def on_text(self, conn, msg):
@@ -169,6 +186,13 @@ class Binance(ExchangeBase):
                           rid, has_id)
                 return
             if method == "SUBSCRIBE":
+                bad = [p for p in params if p in self.rejected]
+                if bad:
+                    self._err(conn, 2, self.rejected[bad[0]] or "Invalid request: invalid stream",
+                              rid, has_id)
+                    if self.cfg.get("binance_reject_close"):
+                        self.close_conn(conn, 1008, "Invalid request", "closed_policy")
+                    return
                 new = [p for p in params if p not in conn.subs]
                 if len(conn.subs) + len(new) > self.cfg["binance_max_streams"]:
                     self._err(conn, 2, "Invalid request: too many parameters", rid, has_id)
@@ -271,7 +295,7 @@ class Binance(ExchangeBase):
         for inst in self.insts:
             x = inst.ex
             inst.update_mark()
-            if oi_tick:
+            if oi_tick and not inst.quiet:          # no trades, no open-interest change
                 inst.update_oi()
             if mono >= x["fr_next"]:
                 if not first:

@@ -12,8 +12,15 @@ Why the rules below (see /work/shared/exchanges/bybit.md, "Simulator checklist")
   is flowing - stricter than Bybit's "no ping-pong and no data", so a collector that forgets to
   ping is caught in tests.
 * Args of one connection may total 21,000 characters; beyond that the request is rejected.
+* Rejected topics (`Simulator.reject`) fail like an unknown symbol: the whole request gets
+  `success:false` "error:handler not found,topic:<topic>" (or the given reason), nothing of it
+  is subscribed.
 * `orderbook.1`: snapshot-only, `ts` before `type`, `u` +1 per change, resent with the same `u`
-  (new `seq`/`ts`/`cts`) after 3 s unchanged; initial snapshot on subscribe.
+  (new `seq`/`ts`/`cts`) after 3 s (x `cadence_scale`) unchanged; initial snapshot on subscribe.
+  `Simulator.bybit_ob_restart` pushes a snapshot with `u` = 1 at once (as after a service
+  restart), then `u` goes on +1 per change.
+* Quiet symbols: no publicTrade, no book changes (so orderbook.1 only as initial snapshot and
+  3 s resends), no open-interest change; tickers deltas (mark/index/funding) go on.
 * `publicTrade`: 1..3 trades per frame sharing one `seq`, UUID `i`, `S` taker side.
 * `tickers`: full snapshot on subscribe (to that socket), then every 100 ms a delta with only the
   changed keys; mark/index change each mark period, OI each 3 s, funding rate every 30-90 s
@@ -77,7 +84,7 @@ class Bybit(ExchangeBase):
                 self.futures.append((f"{b}USDT-{exp}", b))
         self.known.update(s for s, _ in self.futures)
         self.tk_bucket = self.mark_bucket = self.oi_bucket = None
-        self.sec_bucket = None
+        self.sec_bucket = self.rs_bucket = None
         self.ip_window = collections.deque()
         self.ep_window = {}
         self.banned_until = 0.0
@@ -140,7 +147,11 @@ class Bybit(ExchangeBase):
             self._reply(conn, True, "", rid, op)
             return
         seen = set()
+        rej = self.rejected
         for a in args:
+            if a in rej:
+                self._reply(conn, False, rej[a] or "error:handler not found,topic:" + a, rid, op)
+                return
             if not self._valid(a):
                 self._reply(conn, False, "error:handler not found,topic:" + a, rid, op)
                 return
@@ -176,6 +187,27 @@ class Bybit(ExchangeBase):
             text = ('{"topic":"%s","type":"snapshot","data":%s,"cs":%d,"ts":%d}'
                     % (topic, dumps(d), x["seq"], now_ms))
             self.send_to(conn, topic, text, (("mark_price", 1), ("funding", 1), ("open_interest", 1)))
+
+    def quiet_start(self, inst):
+        if not inst.ex["ob_last"]:                   # never changed yet: resend timer starts now
+            inst.ex["ob_last"] = time.monotonic()
+
+    def ob_restart(self, symbol):
+        """Next orderbook.1 frame of `symbol` is a snapshot with u=1 (pushed now), then +1 per change."""
+        inst = self.lookup(symbol)
+        if inst is None:
+            raise ValueError(f"bybit: unknown symbol {symbol!r}")
+        x = inst.ex
+        if inst.silent_bbo or self.paused or self.replay is not None:
+            x["u"] = 0                               # the next change is pushed with u=1
+            return 0
+        x["u"] = 1
+        x["seq"] += self.rng.randint(1, 30)
+        x["ob_last"] = time.monotonic()
+        t = x["t_ob"]
+        if t not in self.index:
+            return 0
+        return self.publish(t, self._ob(inst, int(time.time() * 1000)), (("bbo", 1),))
 
     def keepalive(self, conn, mono):
         if mono - conn.last_client_ping >= self.cfg["bybit_idle_timeout"]:
@@ -271,9 +303,10 @@ class Bybit(ExchangeBase):
         ob = int(now_ms // (3000.0 * self.scale))
         do_oi = ob != self.oi_bucket
         self.oi_bucket = ob
-        sb = now_ms // 1000
-        do_sec = sb != self.sec_bucket
-        self.sec_bucket = sb
+        rs_int = 3.0 * self.scale                    # "3 s unchanged" resend, compressible
+        rb = int(now_ms // (1000.0 * min(1.0, max(0.1, rs_int / 4))))
+        do_rs = rb != self.rs_bucket
+        self.rs_bucket = rb
         rng = self.rng
         idx = self.index
         for inst in self.insts:
@@ -282,7 +315,7 @@ class Bybit(ExchangeBase):
             if do_mark:
                 inst.update_mark()
                 chg.add("mark")
-            if do_oi:
+            if do_oi and not inst.quiet:             # no trades, no open-interest change
                 inst.update_oi()
                 chg.add("oi")
             if mono >= x["fr_next"]:
@@ -294,7 +327,7 @@ class Bybit(ExchangeBase):
                 x["nft"] = next_funding(now_ms, x["fih"])
                 chg.add("nft")
                 chg.add("fr")
-            if do_sec and not inst.silent_bbo and x["ob_last"] and mono - x["ob_last"] >= 3.0:
+            if do_rs and not inst.silent_bbo and x["ob_last"] and mono - x["ob_last"] >= rs_int:
                 x["ob_last"] = mono                      # 3 s heartbeat, same u
                 x["seq"] += rng.randint(1, 30)
                 if x["t_ob"] in idx:

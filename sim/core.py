@@ -154,8 +154,14 @@ class ExchangeBase:
       keepalive(conn, mono)            -> periodic per-socket rules (pings, idle closes)
       ev_bbo(inst, now_ms) / ev_trade(inst, now_ms) / periodic(now_ms)   (generation)
       topic_target(topic)              -> (inst, kind) for silence/skip, or None
+      lookup(symbol)                   -> inst for a native symbol (quiet), or None
+      quiet_start(inst)                -> arm "resend when unchanged" timers of a quiet symbol
       replay_items(line)               -> [(topic, text, rows, wrapped_text_or_None)]
       rest(path, query)                -> (status, headers, body)
+
+    Faults shared by all three: `rejected` (topic -> reason or None: a subscribe naming the topic
+    gets the exchange's own rejection, see each module's on_text) and quiet symbols (no trades,
+    no book changes: gen_tick skips them, periodic channels go on).
     """
 
     name = ""
@@ -185,6 +191,17 @@ class ExchangeBase:
         self.by_topic_sym: dict = {}
         self.ws_server = None
         self.rest_server = None
+        self.tasks: list = []
+        # fault: topics whose subscribe the exchange refuses (topic -> reason text or None)
+        self.rejected: dict = {}
+        rt = (cfg.get("reject_topics") or {}).get(self.name) or ()
+        for t in ([rt] if isinstance(rt, str) else rt):
+            self.rejected[t] = rt[t] if isinstance(rt, dict) else None
+        # fault: quiet symbols (sym -> expiry monotonic or None)
+        self.quieted: dict = {}
+        qs = (cfg.get("quiet_symbols") or {}).get(self.name) or ()
+        for sym in ([qs] if isinstance(qs, str) else qs):
+            self.quiet(sym, None)
 
     # ------------------------------------------------------------------ sending
     def publish(self, topic: str, text: str, rows, wtext: str | None = None) -> int:
@@ -332,6 +349,10 @@ class ExchangeBase:
                 exp = [t for t, e in self.silenced.items() if e is not None and e <= mono]
                 for t in exp:
                     self.unsilence(t)
+            if self.quieted:
+                exp = [t for t, e in self.quieted.items() if e is not None and e <= mono]
+                for t in exp:
+                    self.unquiet(t)
 
     # ---------------------------------------------------------------- generation
     def gen_count(self, r: float) -> int:
@@ -366,6 +387,8 @@ class ExchangeBase:
         rt = self.rate * 0.5 * dt
         gc = self.gen_count
         for inst in self.insts:
+            if inst.quiet:                  # no trades, no book changes: no event-driven frames
+                continue
             if not inst.silent_bbo:
                 for _ in range(gc(rb)):
                     self.ev_bbo(inst, now_ms)
@@ -449,6 +472,38 @@ class ExchangeBase:
                 inst.silent_trades = True
             else:
                 inst.silent_other.add(kind)
+
+    def reject(self, topic, reason=None):
+        """Refuse subscribes naming `topic` (existing subscriptions are left alone)."""
+        self.rejected[topic] = reason
+
+    def unreject(self, topic):
+        self.rejected.pop(topic, None)
+
+    def lookup(self, symbol):
+        return getattr(self, "by_sym", {}).get(symbol)
+
+    def quiet_start(self, inst):
+        pass
+
+    def _quiet_inst(self, symbol):
+        inst = self.lookup(symbol)
+        if inst is None:
+            raise ValueError(f"{self.name}: unknown symbol {symbol!r}")
+        return inst
+
+    def quiet(self, symbol, seconds):
+        """No trades and no book changes for `symbol` (native name) for `seconds` (None: until
+        unquiet).  Periodic channels go on; "resend when unchanged" timers start now at latest."""
+        inst = self._quiet_inst(symbol)
+        self.quieted[inst.sym] = None if seconds is None else time.monotonic() + float(seconds)
+        inst.quiet = True
+        self.quiet_start(inst)
+
+    def unquiet(self, symbol):
+        inst = self._quiet_inst(symbol)
+        self.quieted.pop(inst.sym, None)
+        inst.quiet = False
 
     def drop_connections(self):
         for c in list(self.conns.values()):

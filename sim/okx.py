@@ -1,5 +1,8 @@
 """OKX v5 SWAP simulator (`BTC-USDT-SWAP`, `BTC-USDC-SWAP`).
 
+Production endpoints this stands in for: `wss://ws.okx.com/ws/v5/{public,business,private}`
+(port 443; the docs have long listed `:8443`, which many networks filter; see okx.md §2).
+
 Why the rules below (see /work/shared/exchanges/okx.md, "Simulator checklist"):
 
 * Paths `/ws/v5/public`, `/ws/v5/business`, `/ws/v5/private` (else HTTP 404).  More than
@@ -10,15 +13,22 @@ Why the rules below (see /work/shared/exchanges/okx.md, "Simulator checklist"):
   unknown instId/channel, 64001 business channel on /public, 64002 public channel on /business)
   while the other args of the request still succeed and the socket stays open.  Bad JSON 60012,
   bad op 60019, > 480 (un)subscribe requests per hour on a socket 60014.
+* Rejected topics (`Simulator.reject`, topic `<channel>:<instId>`) are answered like an unknown
+  instId: one `error` event 60018 (no `arg` key) for that arg, the other args still succeed.
 * Text `ping` -> text `pong`.  Close 4004 when nothing was pushed and nothing received for
   `okx_idle_timeout` s, and also when no subscription was made within that time.
 * All numbers are strings except `seqId`; sizes are contracts (`ctVal` from instruments).
-  `bbo-tbt` resent with the same `seqId` after 60 s unchanged; `trades` aggregate 1..3 fills per
+  `bbo-tbt` resent with the same `seqId` after 60 s (x `cadence_scale`) unchanged; `trades` aggregate 1..3 fills per
   taker order with `tradeId` = last id and `count` so `tradeId - count == previous tradeId`;
   `trades-all` (/business) one fill per message with consecutive ids.  mark-price each mark
   period (it changes every period, so the 10 s heartbeat never triggers), funding-rate every
   30-90 s, open-interest every 3 s (x `cadence_scale`).  Initial push on subscribe for bbo-tbt,
   mark-price, funding-rate and open-interest.
+* Quiet symbols: no bbo-tbt changes (initial push and 60 s resends only), no trades, no
+  open-interest pushes (OI does not change without trades); mark-price, funding-rate go on.
+* `seqId` restarts lower (one counter per instId feeds bbo-tbt and trades) on
+  `Simulator.okx_seq_reset(instId)`, and for every instId when a notice-triggered close happens
+  with `okx_notice_seq_reset` (okx.md: "may be reset due to maintenance").
 * Rows: each `data[]` item -> one row of the channel's dataset.
 * REST: instruments (USDT + USDC linear, `-USD_UM-SWAP` rows with settleCcy "USD", inverse
   `-USD-SWAP` rows), market/trades (per fill, newest first), time, open-interest, funding-rate,
@@ -87,6 +97,7 @@ class Okx(ExchangeBase):
             cv = ct_val(base, quote, price)
             i.ex.update(ct=cv, seq=rng.randint(10**9, 10**11), tid=rng.randint(10**8, 10**9),
                         bbo_last=0.0, fr_next=0.0, sett=0.0,
+                        bbo_n=(rng.randint(1, 30), rng.randint(1, 30)),
                         t_bbo="bbo-tbt:" + iid, t_tr="trades:" + iid, t_ta="trades-all:" + iid,
                         t_mk="mark-price:" + iid, t_fr="funding-rate:" + iid, t_oi="open-interest:" + iid,
                         hist=collections.deque(maxlen=self.cfg["rest_history"]))
@@ -97,7 +108,7 @@ class Okx(ExchangeBase):
             self.extra.append((f"{b}-USD_UM-SWAP", b, "USD", "linear"))
             self.extra.append((f"{b}-USD-SWAP", b, b, "inverse"))
         self.known = set(self.by_id) | {e[0] for e in self.extra}
-        self.mark_bucket = self.oi_bucket = self.sec_bucket = None
+        self.mark_bucket = self.oi_bucket = self.sec_bucket = self.rs_bucket = None
         self.conn_times = collections.deque()
         self.ep_window = {}
         return insts
@@ -187,6 +198,9 @@ class Okx(ExchangeBase):
                     self.undeliver(conn, topic)
                 self._ack(conn, rid, "unsubscribe", ch, iid)
                 continue
+            if topic in self.rejected:                 # same answer as an unknown instId
+                self._error(conn, rid, "60018", self.rejected[topic] or self._msg_60018(ch, iid))
+                continue
             is_biz = ch in BUSINESS or ch.startswith(("candle", "mark-price-candle", "index-candle"))
             if kind == "public" and is_biz:
                 self._error(conn, rid, "64001", MSG_64001)
@@ -195,9 +209,7 @@ class Okx(ExchangeBase):
                 self._error(conn, rid, "64002", MSG_64002)
                 continue
             if kind == "private" or iid not in self.known or not (ch in PUBLIC or is_biz):
-                self._error(conn, rid, "60018", "Wrong URL or channel:%s,instId:%s doesn't exist. "
-                            "Please use the correct URL, channel and parameters referring to API "
-                            "document." % (ch, iid))
+                self._error(conn, rid, "60018", self._msg_60018(ch, iid))
                 continue
             self._ack(conn, rid, "subscribe", ch, iid)
             conn.st["subscribed"] = True
@@ -207,6 +219,31 @@ class Okx(ExchangeBase):
                 self.deliver(conn, topic)
                 if self.replay is None and not self.paused:
                     self._initial(conn, ch, topic, self.by_id[iid])
+
+    @staticmethod
+    def _msg_60018(ch, iid):
+        return ("Wrong URL or channel:%s,instId:%s doesn't exist. Please use the correct URL, "
+                "channel and parameters referring to API document." % (ch, iid))
+
+    def lookup(self, symbol):
+        return self.by_id.get(symbol)
+
+    def quiet_start(self, inst):
+        if not inst.ex["bbo_last"]:                  # never changed yet: resend timer starts now
+            inst.ex["bbo_last"] = time.monotonic()
+
+    def _lower_seq(self, v):
+        """A seqId clearly below `v` (a restart after maintenance), keeping room to grow."""
+        return self.rng.randint(v // 10000, v // 1000) if v >= 10000 else 0
+
+    def seq_reset(self, symbol):
+        """The next seqId of `symbol` (bbo-tbt, trades) starts lower; returns the new base."""
+        inst = self.lookup(symbol)
+        if inst is None:
+            raise ValueError(f"okx: unknown instId {symbol!r}")
+        x = inst.ex
+        x["seq"] = self._lower_seq(x["seq"])
+        return x["seq"]
 
     def _ack(self, conn, rid, ev, ch, iid):
         d = {}
@@ -237,10 +274,11 @@ class Okx(ExchangeBase):
 
     # ------------------------------------------------------------- generation
     def _bbo(self, inst, now_ms):
-        rng = self.rng
+        x = inst.ex
+        na, nb = x["bbo_n"]                       # order counts: part of the book, kept on resend
         return BBO % (inst.sym, inst.px(inst.bid + inst.spread), self.contracts(inst, inst.asz),
-                      rng.randint(1, 30), inst.px(inst.bid), self.contracts(inst, inst.bsz),
-                      rng.randint(1, 30), now_ms - rng.randint(0, 3), inst.ex["seq"])
+                      na, inst.px(inst.bid), self.contracts(inst, inst.bsz),
+                      nb, now_ms - self.rng.randint(0, 3), x["seq"])
 
     def _funding(self, inst, now_ms):
         ft = next_funding(now_ms, 8)
@@ -261,6 +299,7 @@ class Okx(ExchangeBase):
     def ev_bbo(self, inst, now_ms):
         inst.move()
         x = inst.ex
+        x["bbo_n"] = (self.rng.randint(1, 30), self.rng.randint(1, 30))
         x["seq"] += self.rng.randint(1, 50)
         x["bbo_last"] = self.mono
         t = x["t_bbo"]
@@ -307,7 +346,11 @@ class Okx(ExchangeBase):
         sb = now_ms // 1000
         do_sec = sb != self.sec_bucket
         self.sec_bucket = sb
-        if not (do_mark or do_oi or do_sec):
+        rs_int = 60.0 * self.scale                   # "~60 s unchanged" resend, compressible
+        rb = int(now_ms // (1000.0 * min(1.0, max(0.1, rs_int / 4))))
+        do_rs = rb != self.rs_bucket
+        self.rs_bucket = rb
+        if not (do_mark or do_oi or do_sec or do_rs):
             return
         idx = self.index
         rng = self.rng
@@ -320,7 +363,7 @@ class Okx(ExchangeBase):
                 if t in idx:
                     self.publish(t, MARK % (inst.sym, inst.sym, inst.fpx(inst.mark), now_ms),
                                  (("mark_price", 1),))
-            if do_oi and "oi" not in so:
+            if do_oi and "oi" not in so and not inst.quiet:     # OI moves only with trades
                 inst.update_oi()
                 t = x["t_oi"]
                 if t in idx:
@@ -333,11 +376,11 @@ class Okx(ExchangeBase):
                         if t in idx:
                             self.publish(t, self._funding(inst, now_ms), (("funding", 1),))
                     x["fr_next"] = mono + rng.uniform(30, 90) * self.scale
-                if not inst.silent_bbo and x["bbo_last"] and mono - x["bbo_last"] >= 60.0:
-                    x["bbo_last"] = mono                  # 60 s heartbeat, same seqId
-                    t = x["t_bbo"]
-                    if t in idx:
-                        self.publish(t, self._bbo(inst, now_ms), (("bbo", 1),))
+            if do_rs and not inst.silent_bbo and x["bbo_last"] and mono - x["bbo_last"] >= rs_int:
+                x["bbo_last"] = mono                      # 60 s heartbeat, same seqId
+                t = x["t_bbo"]
+                if t in idx:
+                    self.publish(t, self._bbo(inst, now_ms), (("bbo", 1),))
 
     def topic_target(self, topic):
         ch, _, iid = topic.partition(":")
@@ -458,11 +501,16 @@ class Okx(ExchangeBase):
                 "stk": "", "tickSz": tick, "uly": f"{base}-{quote}"}
 
     # ------------------------------------------------------------------ faults
-    def notice(self, delay):
-        """64008 service-upgrade notice on every /ws/v5/public socket, close them `delay` s later."""
+    def notice(self, delay, seq_reset=None):
+        """64008 service-upgrade notice on every /ws/v5/public and /ws/v5/private socket (okx.md
+        §3: those two paths; /business unconfirmed, so not sent there), close them `delay` s
+        later (close code 1012: unconfirmed).  With `seq_reset` (default: the
+        `okx_notice_seq_reset` option) every instId's seqId restarts lower at that close."""
         import asyncio
+        if seq_reset is None:
+            seq_reset = self.cfg.get("okx_notice_seq_reset", False)
         targets = [c for c in list(self.conns.values())
-                   if c.st.get("kind") == "public" and not c.muted and not c.closing]
+                   if c.st.get("kind") in ("public", "private") and not c.muted and not c.closing]
         for c in targets:
             self._event(c, {"event": "notice", "code": "64008",
                             "msg": "The connection will soon be closed for a service upgrade. "
@@ -472,5 +520,8 @@ class Okx(ExchangeBase):
             for c in targets:
                 if not c.muted:
                     self.close_conn(c, 1012, "Service upgrade", "closed_by_fault")
+            if seq_reset:
+                for inst in self.insts:
+                    inst.ex["seq"] = self._lower_seq(inst.ex["seq"])
         asyncio.get_running_loop().call_later(delay, _close)
         return len(targets)

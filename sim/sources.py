@@ -74,7 +74,7 @@ class Inst:
     __slots__ = ("base", "quote", "sym", "topic", "pdec", "qdec", "tick", "lot", "bid", "spread",
                  "bsz", "asz", "step", "mark", "index", "fr", "oi", "nft", "ex", "rng",
                  "silent_bbo", "silent_trades", "silent_other", "hist", "hist2", "price0",
-                 "typ_lots", "__dict__")
+                 "typ_lots", "quiet", "__dict__")
 
     def __init__(self, base, quote, price, sym, rng: random.Random):
         self.base, self.quote, self.sym, self.rng = base, quote, sym, rng
@@ -94,6 +94,7 @@ class Inst:
         self.oi = self.typ_lots * self.lot * rng.uniform(5e3, 5e4)
         self.silent_bbo = self.silent_trades = False
         self.silent_other = set()
+        self.quiet = False             # no trades, no book changes (Simulator.quiet)
         self.ex = {}
 
     def lots(self) -> int:
