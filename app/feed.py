@@ -283,12 +283,16 @@ class Connection:
         self._close_reason = reason
         app.keep_running = False
         ws = app.sock
-        if ws is None or ws.sock is None:
+        raw = ws.sock if ws is not None else None     # the socket thread may drop ws.sock meanwhile
+        if raw is None:
             return
         try:
             if not abort:
                 ws.send_close(websocket.STATUS_NORMAL, reason.encode()[:120])
-            ws.sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, websocket.WebSocketException, AttributeError):
+            pass                                       # already closing: the shutdown still ends it
+        try:
+            raw.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -325,16 +329,16 @@ class Connection:
         stamps = Stamps(exchange, conn_id)      # frames not yet in the queue (a micro-batch)
         add_seq, add_ts, add_payload = stamps.recv_seq.append, stamps.ts_recv.append, stamps.payloads.append
 
-        def on_message(_ws, data):
-            add_seq(next_seq())
-            add_ts(time_ns())
-            add_payload(data)
-
         screen = self.adapter.URGENT_SCREEN
-        if screen:
+        if not screen:
+            def on_message(_ws, data):
+                add_seq(next_seq())
+                add_ts(time_ns())
+                add_payload(data)
+        else:
             size, urgent = len(screen), self.adapter.urgent_control
 
-            def on_message(_ws, data):     # noqa: F811 - the same, and a look at non-data frames
+            def on_message(_ws, data):     # the same, and a look at frames that are not data
                 add_seq(next_seq())
                 add_ts(time_ns())
                 add_payload(data)

@@ -211,7 +211,7 @@ class Collector:
             if self.port and len(plans) == len(self.exchanges):
                 acked = {}
                 for l in self.events("subscribed"):
-                    acked[(l["exchange"], l.get("conn"))] = (l.get("total", 0), l.get("planned", 0))
+                    acked[(l["exchange"], l.get("conn"))] = (l.get("live", 0), l.get("requested", 0))
                 per_ex = {ex: sum(t for (e, _c), (t, _p) in acked.items() if e == ex) for ex in plans}
                 if all(per_ex[ex] >= plans[ex] for ex in plans):
                     threading.Thread(target=self._sample, daemon=True).start()

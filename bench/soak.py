@@ -288,7 +288,7 @@ class CollectorProc:
             if self.port and len(self.plans) == len(EXCHANGES):
                 acked = {}
                 for l in self.events("subscribed"):
-                    acked[(l["exchange"], l.get("conn"))] = l.get("total", 0)
+                    acked[(l["exchange"], l.get("conn"))] = l.get("live", 0)
                 per_ex = {ex: sum(t for (e, _c), t in acked.items() if e == ex) for ex in self.plans}
                 if all(per_ex[ex] >= self.plans[ex]["streams"] for ex in self.plans):
                     return

@@ -40,6 +40,7 @@ class CollectorProcess:
         self.lines: list[dict] = []
         self.raw: list[str] = []
         self.proc: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
         self._cond = threading.Condition()
 
     @property
@@ -50,7 +51,8 @@ class CollectorProcess:
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "bin", "collector"), *self.args],
                                      cwd=self.workdir, env=self.env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1)
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         return self
 
     def _read(self) -> None:
@@ -83,16 +85,32 @@ class CollectorProcess:
     def _more_pending(self) -> bool:
         return False
 
+    def wait(self, timeout: float = 60.0) -> int:
+        """Wait for the process to exit and for its last output line to be read (the reader
+        thread ends at end of output), so `events()` then holds everything it logged."""
+        rc = self.proc.wait(timeout)
+        self._reader.join(10)
+        return rc
+
     def stop(self, sig=signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            rc = self.proc.wait(timeout)
+            return self.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             raise AssertionError("collector did not stop in time:\n" + "".join(self.raw[-25:]))
-        time.sleep(0.1)
-        return rc
+
+    # ---- the status API (STATUS_PORT=0: the port it logged) ---------------------------------
+    def metrics(self) -> dict:
+        """GET /metrics (JSON) from the running collector."""
+        import urllib.request
+        port = self.wait_for("status_listen", timeout=30)[0]["port"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return json.loads(r.read())
+
+    def frames_received(self, exchange: str) -> int:
+        return self.metrics()["counters"].get(exchange, {}).get("frames_received", 0)
 
     def kill(self) -> None:
         self.proc.kill()
@@ -105,6 +123,56 @@ class CollectorProcess:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def sim_text_frames_sent(sim, exchange: str) -> int:
+    """Text frames the simulator has written to the collector's sockets so far (data, control
+    and raw frames; protocol pings are control frames but not text frames)."""
+    st = sim.stats()[exchange]
+    return sum(st["frames"].values()) + st["control_frames"] - st.get("protocol_pings", 0) + st["raw_frames"]
+
+
+def sim_quiet_baseline(sim, exchanges=("binance",), timeout: float = 10.0) -> dict[str, int]:
+    """Once the simulator has no connection open for these exchanges (a previous collector is
+    gone): the text frames it has sent so far, the `since` of a later collector's `settle`."""
+    wait_until(lambda: all(sim.stats()[ex]["connections_open"] == 0 for ex in exchanges), timeout,
+               what="the simulator to see the previous collector's sockets closed")
+    return {ex: sim_text_frames_sent(sim, ex) for ex in exchanges}
+
+
+def settle(c: CollectorProcess, sim, exchanges=("binance",), timeout: float = 30.0,
+           since: dict[str, int] | None = None) -> None:
+    """Stop the simulator's data for these exchanges and wait until the collector has read every
+    text frame it sent (its frames_received counter, from /metrics): the condition a test needs
+    before SIGTERM so that rows can be compared with what was sent. Waiting on it, not sleeping,
+    also leaves the last frames to the writer's final flush at stop. `since`: frames the
+    simulator had sent to earlier collectors (sim_quiet_baseline)."""
+    for ex in exchanges:
+        sim.pause(ex)
+    sent = {ex: sim_text_frames_sent(sim, ex) - (since or {}).get(ex, 0) for ex in exchanges}
+    got: dict = {}
+
+    def done():
+        got.update({ex: c.frames_received(ex) for ex in exchanges})
+        return all(got[ex] >= sent[ex] for ex in exchanges)
+    try:
+        wait_until(done, timeout, what="the collector to read every frame sent")
+    except AssertionError:
+        raise AssertionError(f"sent {sent}, received {got}") from None
+
+
+def wait_rows_parsed(c: CollectorProcess, sim, exchanges, datasets, timeout: float = 30.0) -> None:
+    """Until the collector has written (parsed and spooled, so its observers such as the gap
+    detector have seen them) at least as many rows of these datasets as the simulator had sent
+    when this was called."""
+    st = sim.stats()
+    want = {(ex, ds): st[ex]["rows"][ds] for ex in exchanges for ds in datasets}
+
+    def done():
+        counters = c.metrics()["counters"]
+        return all((counters.get(ex, {}).get("rows_written") or {}).get(ds, 0) >= n
+                   for (ex, ds), n in want.items())
+    wait_until(done, timeout, what=f"rows written up to what was sent: {want}")
 
 
 def parquet_files(data_dir: str, dataset: str, exchange: str | None = None) -> list[str]:
@@ -131,5 +199,5 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.1, what: st
         value = predicate()
         if value:
             return value
-        time.sleep(interval)
+        time.sleep(interval)       # the polling interval of a wait on a condition
     raise AssertionError(f"timed out waiting for {what}")

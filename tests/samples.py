@@ -9,14 +9,10 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 from pathlib import Path
 
-import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:      # `pytest` run without an installed package or rootdir conftest
-    sys.path.insert(0, str(REPO_ROOT))
 
 TS_FALLBACK_NS = 1_700_000_000_000_000_000   # ts_recv for lines the recorder gave no receive time
 CONN_ID = 7

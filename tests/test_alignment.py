@@ -11,7 +11,7 @@ import pytest
 
 from app.alignment import OverBudget, RestClient, TokenBucket, measure
 from app.exchanges import load
-from tests.helpers import CollectorProcess, read_dataset, sim_env, wait_until
+from tests.helpers import CollectorProcess, read_dataset, settle, sim_env, wait_until
 
 EXCHANGES = ("binance", "bybit", "okx")
 
@@ -117,7 +117,9 @@ def rest_sim():
     from sim import Simulator
     s = Simulator(exchanges=EXCHANGES, symbols=["BTC"], rate=20.0, seed=5, okx_max_conn_per_sec=0)
     s.start()
-    time.sleep(0.5)
+    # the REST trade lists hold something
+    wait_until(lambda: all(s.stats()[ex]["trades_generated"].get(SYMBOL[ex], 0) >= 2 for ex in EXCHANGES),
+               10, interval=0.05, what="trades generated on every exchange")
     yield s
     s.stop()
 
@@ -204,27 +206,26 @@ def test_outage_alignment_measures_the_missed_trades(tmp_path):
                         alignment_timeout=10) as c:
             c.wait_for("subscribed", count=3)
             c.wait_for("file_written", timeout=20)
-            for ex in EXCHANGES:
-                sim.pause(ex)
-            time.sleep(1.0)                                 # the last frames are read
+            settle(c, sim, EXCHANGES)                       # the last frames are read
             g0 = {ex: sim.stats()[ex]["trades_generated"].get(SYMBOL[ex], 0) for ex in EXCHANGES}
             for ex in EXCHANGES:
                 sim.refuse_connections(ex, 60)
                 sim.drop_connections(ex)
                 sim.resume(ex)
-            time.sleep(3.0)
+            time.sleep(3.0)          # the outage itself: 3 s of trades missed (window_s >= 3 asserted)
             for ex in EXCHANGES:
                 sim.pause(ex)
             expected = {ex: sim.stats()[ex]["trades_generated"].get(SYMBOL[ex], 0) - g0[ex] for ex in EXCHANGES}
             connects = len(c.events("ws_connect"))
+            subscribed = len(c.events("subscribed"))
             for ex in EXCHANGES:
                 sim.refuse_connections(ex, 0)
             c.wait_for("ws_connect", count=connects + 3, timeout=15)
-            time.sleep(0.3)
+            c.wait_for("subscribed", count=subscribed + 3, timeout=15)   # streams live again
             for ex in EXCHANGES:
                 sim.resume(ex)
             done = {l["exchange"]: l for l in c.wait_for("alignment_done", count=3, timeout=30)}
-            time.sleep(1.5)
+            settle(c, sim, EXCHANGES)                       # what followed the outage is read
             bybit_ids = _bybit_recent(sim, "BTCUSDT")
             assert c.stop() == 0
     finally:
@@ -281,7 +282,6 @@ def test_many_symbols_reconnecting_stay_within_budget_and_honour_429(tmp_path):
                     sim.rest_fail("binance", 429, 2, headers={"Retry-After": "1"})
                 sim.drop_connections("binance")
                 done = c.wait_for("alignment_done", count=2 * round_, timeout=40)
-            time.sleep(0.5)
             assert c.stop() == 0
         log = sim.rest_log("binance")
         st = sim.stats()["binance"]

@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 from app.exchanges import load
 from app.gaps import SequenceTracker
-from tests.helpers import CollectorProcess, count_rows, read_dataset, sim_env, wait_until
+from tests.helpers import CollectorProcess, count_rows, read_dataset, settle, sim_env, wait_until
 
 EXCHANGES = ("binance", "bybit", "okx")
 DATASETS = ("bbo", "trades", "mark_price", "funding", "open_interest")
@@ -22,9 +20,7 @@ def start_collector(tmp_path, sim, **env):
 
 
 def quiesce_and_stop(c, sim) -> dict:
-    for ex in EXCHANGES:
-        sim.pause(ex)
-    time.sleep(1.5)
+    settle(c, sim, EXCHANGES)
     assert c.stop() == 0
     return c.events("collector_stop")[-1]["counters"]
 
@@ -42,7 +38,8 @@ def test_all_symbols_three_exchanges(tmp_path):
                 assert plans[ex]["symbols"] >= 300, plans[ex]
                 wait_until(lambda: subscribed_on_sim(sim, ex) == plans[ex]["streams"], 90,
                            what=f"{ex}: all {plans[ex]['streams']} streams subscribed")
-            time.sleep(3)
+            wait_until(lambda: all(c.frames_received(ex) > 1000 for ex in EXCHANGES), 30,
+                       what="data from every exchange")
             counters = quiesce_and_stop(c, sim)
         assert not c.events("subscription_error")
         assert not c.events("ws_disconnect") or all(not l["was_connected"] or l["reason"] == "stop"
@@ -77,7 +74,7 @@ def test_keepalive_keeps_idle_connections_open(tmp_path):
             connects = len(c.events("ws_connect"))
             for ex in EXCHANGES:
                 sim.pause(ex)      # no data at all: only keepalive holds the sockets
-            time.sleep(8)
+            time.sleep(8)          # the behaviour under test: 8 s of no data, past both idle limits
             assert len(c.events("ws_connect")) == connects
             assert not c.events("ws_disconnect")
             assert sim.stats()["bybit"]["closed_idle"] == 0 and sim.stats()["okx"]["closed_idle"] == 0
@@ -90,13 +87,13 @@ def test_okx_upgrade_notice_moves_subscriptions_without_a_hole(tmp_path):
         with start_collector(tmp_path, sim, exchanges="okx", symbols="BTCUSDT,ETHUSDT") as c:
             line = c.wait_for("subscribed", timeout=30)[0]
             assert line["requested"] == line["live"] == 10 and line["rejected"] == 0
-            time.sleep(1)
+            wait_until(lambda: c.frames_received("okx") > 50, 15, what="data before the notice")
             assert sim.okx_notice(delay=3.0) >= 1
             c.wait_for("ws_rotate", lambda l: l["reason"] == "notice", timeout=10)
             c.wait_for("ws_disconnect", timeout=15)
-            time.sleep(2)
-            sim.pause("okx")
-            time.sleep(1)
+            after = c.frames_received("okx")
+            wait_until(lambda: c.frames_received("okx") > after + 50, 15, what="data on the new socket")
+            settle(c, sim, ("okx",))
             assert c.stop() == 0
     trades = read_dataset(c.data_dir, "trades").sort_by("recv_seq")
     assert len(set(trades.column("conn_id").to_pylist())) >= 2      # both connections wrote

@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 import os
 import signal
-import time
 
 import duckdb
 import pyarrow.compute as pc
@@ -14,7 +13,8 @@ import pytest
 
 from app.exchanges import RowSink, load
 from app.gaps import SequenceTracker
-from tests.helpers import CollectorProcess, count_rows, parquet_files, read_dataset, sim_env, wait_until
+from tests.helpers import (CollectorProcess, count_rows, parquet_files, read_dataset, settle, sim_env,
+                           sim_quiet_baseline, wait_until)
 
 SYMBOLS = "BTCUSDT,ETHUSDT,BTCUSDC"
 
@@ -36,11 +36,11 @@ def collector(tmp_path, sim, **env):
     return CollectorProcess(tmp_path, base)
 
 
-def settle_and_stop(c: CollectorProcess, sim, exchange="binance") -> dict:
-    """Stop the exchange's data, let the last frames arrive, SIGTERM, return final counters."""
-    sim.pause(exchange)
-    time.sleep(1.0)
-    assert c.stop() == 0
+def settle_and_stop(c: CollectorProcess, sim, exchange="binance", since=None) -> dict:
+    """Stop the exchange's data, wait until the collector has read every frame sent, SIGTERM (no
+    pause before it: the writer's final flush must take the last frames), return final counters."""
+    settle(c, sim, (exchange,), since=since)
+    assert c.stop() == 0, "".join(c.raw[-20:])
     stop = c.events("collector_stop")
     assert stop, "no collector_stop log"
     return stop[-1]["counters"]
@@ -50,10 +50,16 @@ def sim_rows(sim, exchange="binance") -> dict:
     return sim.stats()[exchange]["rows"]
 
 
+def wait_rows(sim, datasets=("bbo", "trades", "mark_price", "funding"), at_least=20, exchange="binance"):
+    """Until the simulator has sent at least this many rows of each dataset (data is flowing)."""
+    wait_until(lambda: all(sim_rows(sim, exchange)[ds] >= at_least for ds in datasets), 30,
+               what=f"{at_least} rows of each of {datasets} sent")
+
+
 def test_rows_equal_what_the_simulator_sent(tmp_path, sim):
     with collector(tmp_path, sim) as c:
         c.wait_for("subscribed", count=2)
-        time.sleep(4)
+        wait_rows(sim, at_least=50)
         counters = settle_and_stop(c, sim)
     sent = sim_rows(sim)
     data = c.data_dir
@@ -103,7 +109,8 @@ def test_pressure_relief_counts_every_drop(tmp_path, sim):
     sim.set_rate(400.0)
     with collector(tmp_path, sim, queue_maxsize=20, writer_throttle_s=0.05) as c:
         c.wait_for("queue_full_drop", timeout=30)
-        time.sleep(2)
+        wait_until(lambda: c.metrics()["counters"]["binance"]["frames_dropped"] >= 200, 30,
+                   what="200 frames dropped under pressure")
         counters = settle_and_stop(c, sim)
     received = counters["binance"]["frames_received"]
     dropped = counters["binance"]["frames_dropped"]
@@ -134,9 +141,9 @@ def test_reconnects_resubscribe_and_keepalive_survives(tmp_path, sim):
         # ... and live (data still arrives on each), and keepalive pings still flow
         pings0 = sum(conn["client_pings"] for conn in conns)
         start_rows = dict(sim_rows(sim))
-        time.sleep(3)
-        assert sum(conn["client_pings"] for conn in sim.connections("binance")) > pings0
-        assert all(sim_rows(sim)[ds] > start_rows[ds] for ds in ("bbo", "trades", "mark_price"))
+        wait_until(lambda: sum(conn["client_pings"] for conn in sim.connections("binance")) > pings0
+                   and all(sim_rows(sim)[ds] > start_rows[ds] for ds in ("bbo", "trades", "mark_price")),
+                   10, what="more keepalive pings and rows after the reconnects")
         counters = settle_and_stop(c, sim)
     assert counters["binance"]["reconnects"] >= 20
     for ds in ("bbo", "trades", "mark_price"):
@@ -144,14 +151,27 @@ def test_reconnects_resubscribe_and_keepalive_survives(tmp_path, sim):
 
 
 def test_half_open_socket_is_detected(tmp_path, sim):
-    with collector(tmp_path, sim, stale_timeout=2) as c:
+    """The simulator stops reading and writing both sockets (TCP stays up): no frame, no pong.
+    Both are declared stale after stale_timeout, closed and replaced; data flows on the new
+    sockets and every row sent reaches Parquet."""
+    with collector(tmp_path, sim, stale_timeout=2, keepalive_interval=0.5) as c:
         c.wait_for("subscribed", count=2)
-        sim.half_open("binance", 30)
-        c.wait_for("ws_stale", timeout=15)
+        first = {l["conn_id"] for l in c.events("ws_connect")}
+        assert sim.half_open("binance", 30) == 2
+        stale = c.wait_for("ws_stale", count=2, timeout=15)
         c.wait_for("ws_connect", count=4, timeout=20)
         n0 = sum(sim_rows(sim).values())
         wait_until(lambda: sum(sim_rows(sim).values()) > n0 + 20, 15, what="data after reconnect")
-        settle_and_stop(c, sim)
+        live = [conn for conn in sim.connections("binance") if not conn["muted"]]
+        assert len(live) == 2 and all(conn["frames_sent"] > 0 for conn in live)
+        counters = settle_and_stop(c, sim)
+    assert all(l["silent_s"] >= 2 for l in stale)
+    gone = [l for l in c.events("ws_disconnect") if l["conn_id"] in first]
+    assert len(gone) == 2 and all("stale" in l["reason"] for l in gone)
+    assert {l["conn_id"] for l in c.events("ws_connect")} - first          # new sockets ...
+    assert counters["binance"]["reconnects"] >= 2
+    for ds in ("bbo", "trades", "mark_price"):                             # ... carried the data
+        assert count_rows(c.data_dir, ds, "binance") == sim_rows(sim)[ds], ds
 
 
 def test_malformed_frames_are_counted_and_kept(tmp_path, sim):
@@ -163,7 +183,6 @@ def test_malformed_frames_are_counted_and_kept(tmp_path, sim):
         for payload in bad:
             sim.send_raw("binance", payload, n=1)
         wait_until(lambda: c.events("frame_unparsed"), 10, what="frame_unparsed log")
-        time.sleep(1.5)
         counters = settle_and_stop(c, sim)
     conns = len({(l["conn_id"]) for l in c.events("ws_connect")})
     assert conns == 2                          # both connections kept: no reconnect
@@ -174,22 +193,42 @@ def test_malformed_frames_are_counted_and_kept(tmp_path, sim):
     assert pc.sum(pc.greater(pc.utf8_length(frames.column("payload")), 2_000_000)).as_py() == 2
 
 
+def spool_batches(data_dir: str, dataset: str) -> int:
+    """Record batches readable so far in the dataset's open spool file(s) (a torn tail ignored)."""
+    import pyarrow as pa
+    n = 0
+    for path in glob.glob(os.path.join(data_dir, "spool", f"{dataset}~*.arrows")):
+        try:
+            with pa.OSFile(path, "rb") as f:
+                reader = pa.ipc.open_stream(f)
+                while True:
+                    try:
+                        reader.read_next_batch()
+                    except StopIteration:
+                        break
+                    n += 1
+        except (pa.ArrowInvalid, OSError):
+            pass
+    return n
+
+
 def test_kill9_then_restart_recovers_spool(tmp_path, sim):
     c = collector(tmp_path, sim, rotate_interval=3600).start()
     try:
         c.wait_for("subscribed", count=2)
-        time.sleep(3)        # several fsynced flushes into the spool, no Parquet yet
-        assert glob.glob(os.path.join(c.data_dir, "spool", "*.arrows"))
+        # several flushes into the spool (record batches appended), no Parquet yet
+        wait_until(lambda: spool_batches(c.data_dir, "bbo") >= 3, 20, what="3 batches in the bbo spool")
         c.stop(signal.SIGKILL)
     finally:
         if c.proc.poll() is None:
             c.kill()
     run1 = {f.split("~")[4] for f in os.listdir(os.path.join(c.data_dir, "spool"))}
+    since = sim_quiet_baseline(sim)
     c2 = collector(tmp_path, sim).start()
     try:
         c2.wait_for("spool_recovered")
         c2.wait_for("subscribed", count=2)
-        settle_and_stop(c2, sim)
+        settle_and_stop(c2, sim, since=since)
     finally:
         if c2.proc.poll() is None:
             c2.kill()
@@ -202,7 +241,6 @@ def test_kill9_then_restart_recovers_spool(tmp_path, sim):
         by_run[run] = by_run.get(run, 0) + t.num_rows
     assert run1 <= set(by_run) and all(by_run[r] > 0 for r in run1)
     # the recovered frames of the killed run are a gap-free prefix of its recv_seq
-    frames = read_dataset(c.data_dir, "frames")
     run1_files = [p for p in parquet_files(c.data_dir, "frames", "binance")
                   if pq.read_schema(p).metadata[b"run_id"].decode() in run1]
     seqs = sorted(s for p in run1_files for s in pq.read_table(p).column("recv_seq").to_pylist())
@@ -210,20 +248,30 @@ def test_kill9_then_restart_recovers_spool(tmp_path, sim):
 
 
 def test_silent_stream_is_reported(tmp_path, sim):
+    """A periodic stream (markPrice@1s, cadence 1 s) that stops is reported once silent for
+    max(silence_floor, factor x cadence), and its return too; an event-driven stream (aggTrade)
+    silenced longer is not judged at all: a quiet market sends no trades."""
     with collector(tmp_path, sim, silence_floor=2, silence_factor=2) as c:
         c.wait_for("subscribed", count=2)
         sim.silence("binance", "ethusdt@aggTrade", 30)
-        line = c.wait_for("stream_silent", lambda l: l["stream"] == "ethusdt@aggTrade", timeout=20)[0]
-        assert line["exchange"] == "binance"
-        assert not [l for l in c.events("stream_silent") if l["stream"] != "ethusdt@aggTrade"]
+        sim.silence("binance", "ethusdt@markPrice@1s", 30)
+        line = c.wait_for("stream_silent", lambda l: l["stream"] == "ethusdt@markPrice@1s", timeout=20)[0]
+        assert line["exchange"] == "binance" and line["silent_s"] >= 2
+        sim.unsilence("binance", "ethusdt@markPrice@1s")
+        c.wait_for("stream_resumed", lambda l: l["stream"] == "ethusdt@markPrice@1s", timeout=20)
+        # by now aggTrade has been silent longer than markPrice was when it was reported
+        assert [l["stream"] for l in c.events("stream_silent")] == ["ethusdt@markPrice@1s"]
+        sim.unsilence("binance", "ethusdt@aggTrade")
         settle_and_stop(c, sim)
 
 
 def test_rotation_before_forced_close_leaves_no_hole(tmp_path, sim):
     with collector(tmp_path, sim, connection_max_age=3) as c:
         c.wait_for("subscribed", count=2)
+        first = {l["conn_id"] for l in c.events("ws_connect")}
         c.wait_for("ws_rotate", count=2, timeout=20)
-        time.sleep(3)
+        # the replaced connections close once their replacements deliver
+        c.wait_for("ws_disconnect", lambda l: l["conn_id"] in first, count=2, timeout=20)
         settle_and_stop(c, sim)
     trades = read_dataset(c.data_dir, "trades").sort_by("recv_seq")
     tracker = SequenceTracker("binance", "trades", load("binance").GAP_RULES["trades"])

@@ -12,17 +12,7 @@ from app.exchanges import load
 from app.feed import Manager
 from app.handoff import FrameQueue
 from app.state import State
-from tests.helpers import sim_env
-
-
-def wait_until(cond, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.helpers import sim_env, wait_until
 
 
 @pytest.fixture
@@ -54,7 +44,7 @@ def test_okx_notice_rotates_from_the_socket_thread_without_the_writer(tmp_path, 
                           and manager.connections[0], what="connected")
         wait_until(lambda: q.qsize() > 0, what="frames queued")
         assert okx_sim.okx_notice(delay=30.0) >= 1
-        replacement = wait_until(lambda: conn.replacement, timeout=5, what="rotation on notice")
+        replacement = wait_until(lambda: conn.replacement, 5, what="rotation on notice")
         wait_until(lambda: replacement.connected, what="replacement connected")
         assert conn.notice_seen
     finally:
@@ -76,7 +66,7 @@ def test_data_without_an_ack_makes_streams_live(tmp_path, okx_sim):
     manager.start(adapter.plan_connections(streams, 200))
     try:
         conn = wait_until(lambda: manager.connections[0].book and manager.connections[0], what="open")
-        wait_until(lambda: conn.book.counts()["live"] == 4, what="all live from data")
+        wait_until(lambda: conn.book.counts()["live"] == 4, 15, what="all live from data")
         time.sleep(1.5)        # past subscribe_timeout: a stream live by its data is not re-sent
         assert conn.book.counts() == {"requested": 4, "live": 4, "pending": 0, "rejected": 0}
         assert conn.book.round_requests == 1
@@ -109,7 +99,7 @@ def _wait_status(c, cond, timeout=30.0, what="status"):
         last = _status(c)
         return cond(last)
     try:
-        wait_until(check, timeout, what)
+        wait_until(check, timeout, what=what)
     except AssertionError:
         raise AssertionError(f"{what}: last /status {last}") from None
     return last
@@ -178,7 +168,7 @@ def test_a_quiet_market_is_not_degraded_but_a_silent_periodic_stream_is(tmp_path
             while time.monotonic() - t0 < 6:           # 3x the floor, sampled as an operator would
                 st = _status(c)
                 assert st["state"] == "READY", st["reasons"]
-                time.sleep(0.5)
+                time.sleep(0.5)                         # sampling interval, not a synchronisation
             assert not c.events("stream_silent")
             sim.silence("binance", "btcusdt@markPrice@1s", 30)
             line = c.wait_for("stream_silent", timeout=15)[0]

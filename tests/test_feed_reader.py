@@ -12,14 +12,11 @@ import hashlib
 import os
 import socket
 import struct
-import sys
 import threading
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from app import feed  # noqa: E402
+from app import feed
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -208,3 +205,77 @@ def test_a_finished_connection_closes_its_socket():
         assert open_fds() == before
     finally:
         gc.enable()
+
+
+# ---- production uses the fast path -------------------------------------------------------------------
+
+def test_connections_read_data_frames_without_websocket_clients_per_frame_parsing(tmp_path, monkeypatch):
+    """What the collector's connections run (app.feed Manager -> Connection, against a real server
+    on loopback) must not hand data frames to websocket-client's per-frame reading: its
+    `WebSocket.recv_data_frame` / `frame_buffer.recv_frame` (~4 us of Python per frame, the socket
+    thread's whole budget) may see the control frames only. A silent fall-back to the library's
+    path would still deliver every frame, so only counting its calls shows it. Written against
+    observable behaviour (frames in the queue, calls into websocket-client), not feed.py's own
+    names, so that it keeps guarding a rewrite of the reader."""
+    import websocket
+    from websocket import _abnf, _core
+
+    from app import settings as settings_mod
+    from app.exchanges import ConnectionPlan, Stream, load
+    from app.handoff import FrameQueue
+    from app.state import State
+    from tests.helpers import wait_until
+    from tests.wsserver import PING, WsServer
+    from tests.wsserver import frame as server_frame
+
+    n = 5000
+    payloads = [b'{"stream":"btcusdt@bookTicker","data":{"e":"bookTicker","u":%d,"s":"BTCUSDT"}}' % i
+                for i in range(n)]
+    burst = b"".join(server_frame(p) if i not in (1000, 4000) else server_frame(b"hi", PING) + server_frame(p)
+                     for i, p in enumerate(payloads))
+
+    def serve(conn):
+        conn.handshake()
+        conn.sock.sendall(burst)
+        while conn.recv_frame() is not None:    # pongs, the close frame: until the client shuts down
+            pass
+
+    calls = {"recv_data_frame": 0, "recv_frame": 0}
+
+    def counting(cls, name):
+        real = getattr(cls, name)
+
+        def wrapper(self, *a, **kw):
+            calls[name] += 1
+            return real(self, *a, **kw)
+        monkeypatch.setattr(cls, name, wrapper)
+    counting(_core.WebSocket, "recv_data_frame")
+    counting(_abnf.frame_buffer, "recv_frame")
+
+    with WsServer(serve) as srv:
+        # the instrument works: websocket-client's own reading goes through these per frame
+        ws = websocket.create_connection(srv.url + "/public/stream", timeout=10)
+        assert [ws.recv() for _ in range(50)] == [p.decode() for p in payloads[:50]]
+        ws.shutdown()
+        assert calls["recv_frame"] >= 50 and calls["recv_data_frame"] >= 50
+        calls.update(recv_data_frame=0, recv_frame=0)
+
+        s = settings_mod.load(None, environ={}, dotenv_path=str(tmp_path / ".env")).replace(
+            exchanges=["binance"], binance_ws_url=srv.url, data_dir=str(tmp_path))
+        q = FrameQueue()
+        state = State(exchanges=["binance"], queue=q)
+        m = feed.Manager(s, {"binance": load("binance")}, q, state, {})
+        m.start([ConnectionPlan("binance", "/public", [
+            Stream("btcusdt@bookTicker", "BTCUSDT", "bookTicker", ("bbo",), "/public")])])
+        got = []
+        try:
+            def all_in():
+                for batch in q.take_all() or ():
+                    got.extend(bytes(p) for p in batch.payloads)
+                return len(got) >= n
+            wait_until(all_in, 20, interval=0.02, what=f"{n} frames in the queue")
+        finally:
+            m.stop()
+    assert got == payloads                       # every frame, in order, as sent
+    # the two pings (and at most a close) are all websocket-client may have read itself
+    assert calls["recv_frame"] <= 5 and calls["recv_data_frame"] <= 5, calls

@@ -13,7 +13,7 @@ from app import settings as settings_mod
 from app.exchanges import Instrument, RowSink, load
 from app.gaps import GapDetector
 from app.state import State
-from tests.helpers import CollectorProcess, sim_env
+from tests.helpers import CollectorProcess, settle, sim_env, wait_rows_parsed, wait_until
 
 S = 1_000_000_000
 T0 = 1_780_000_000 * S            # a fixed wall time (ns) for synthetic frames
@@ -212,6 +212,28 @@ def test_disconnect_reported_once_with_exact_count_and_no_bogus_sequence_or_time
     assert [(g.kind, g.missed) for g in gaps] == [("sequence", 1)]
 
 
+def test_outages_still_open_at_stop_are_reported_not_dropped():
+    """One connection dropped and never came back, another came back but nothing arrived yet:
+    at shutdown both holes are reported, up to the stop, marked open_at_stop."""
+    det, state, streams = detector(("okx",), {"okx": ["BTC-USDT-SWAP", "ETH-USDT-SWAP"]},
+                                   ["open_interest"], time.time)
+    btc, eth = streams["okx"]
+    fo = Flush("okx")
+    det.process("okx", fo([(3, T0, okx_oi(T0, "BTC-USDT-SWAP")), (4, T0, okx_oi(T0, "ETH-USDT-SWAP"))]))
+    det.start()
+    det.on_connection("close", _conn("okx", "okx-1", [btc], T0), 3)
+    det.on_connection("close", _conn("okx", "okx-2", [eth], T0), 4)
+    det.on_connection("open", _conn("okx", "okx-2", [eth], T0), 5)
+    before_stop = time.time_ns()
+    det.stop()
+    recs = sorted(events(state, "okx"), key=lambda r: r["stream"])
+    assert [(r["kind"], r["stream"], r.get("open_at_stop")) for r in recs] == [
+        ("disconnect", "open-interest:BTC-USDT-SWAP", True), ("disconnect", "open-interest:ETH-USDT-SWAP", True)]
+    assert all(r["ts_from"] == T0 and r["ts_to"] >= before_stop for r in recs)
+    assert recs[1]["conn_id_after"] == 5 and state.total("gaps", "okx") == 2
+    assert det.outages == {}
+
+
 def test_quiet_symbol_after_reconnect_is_measured_by_rest_and_the_baseline_moves():
     now = [T0 / S]
     worker = FakeWorker()
@@ -312,7 +334,7 @@ def test_skipped_ids_are_exact_sequence_gaps(tmp_path, sim):
         sim.skip_ids("binance", "btcusdt@aggTrade", 5)
         sim.skip_ids("okx", "trades:BTC-USDT-SWAP", 7)
         c.wait_for("gap_detected", lambda l: l["kind"] == "sequence", count=2, timeout=20)
-        time.sleep(1.5)
+        settle(c, sim, ("binance", "okx"))
         assert c.stop() == 0
     st = sim.stats()
     assert st["binance"]["skipped_ids"] == {"btcusdt@aggTrade": 5}
@@ -328,17 +350,24 @@ def test_skipped_ids_are_exact_sequence_gaps(tmp_path, sim):
 def test_silenced_stream_is_one_time_gap_and_a_quiet_symbol_none(tmp_path, sim):
     """Same 6 s silence: a gap on the 1 s mark-price stream (limit 3 s); not on a quiet book (OKX
     bbo-tbt re-sends every 60 s: limit 180 s) nor on an event-driven stream (trades, bookTicker)."""
+    silenced = [("binance", "ethusdt@aggTrade"), ("binance", "ethusdt@bookTicker"),
+                ("binance", "btcusdt@markPrice@1s"), ("okx", "bbo-tbt:ETH-USDT-SWAP"),
+                ("okx", "trades:ETH-USDT-SWAP")]
+
+    def frames(ex, topic):
+        return sim.stats()[ex]["frames"].get(topic, 0)
     with run_collector(tmp_path, sim, ("binance", "okx"), datasets="bbo,trades,mark_price") as c:
         c.wait_for("subscribed", count=3)
-        c.wait_for("file_written", timeout=20)
-        time.sleep(1)
-        for topic in ("ethusdt@aggTrade", "ethusdt@bookTicker"):
-            sim.silence("binance", topic, 6)
-        sim.silence("binance", "btcusdt@markPrice@1s", 6)
-        sim.silence("okx", "bbo-tbt:ETH-USDT-SWAP", 6)
-        sim.silence("okx", "trades:ETH-USDT-SWAP", 6)
+        # every stream to be silenced has delivered, and its rows reached the gap detector
+        wait_until(lambda: all(frames(ex, t) >= 3 for ex, t in silenced), 20, what="the streams flowing")
+        wait_rows_parsed(c, sim, ("binance", "okx"), ("bbo", "trades", "mark_price"))
+        for ex, topic in silenced:
+            sim.silence(ex, topic, 6)
+        before = {k: frames(*k) for k in silenced}
         c.wait_for("gap_detected", timeout=20)
-        time.sleep(4)                                  # everything silenced has resumed and flushed
+        # everything silenced has resumed, been read and (at stop) parsed and observed
+        wait_until(lambda: all(frames(*k) > before[k] for k in silenced), 20, what="every stream resumed")
+        settle(c, sim, ("binance", "okx"))
         assert c.stop() == 0
     gaps = c.events("gap_detected")
     assert [(g["exchange"], g["stream"], g["kind"]) for g in gaps] == [

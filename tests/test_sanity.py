@@ -448,28 +448,63 @@ def test_script_exit_codes_json_and_quiet(tmp_path, clean_dir):
     assert p.returncode == 2 and "root not found" in p.stdout
 
 
+def test_recv_seq_holes_alone_are_reported_as_loss(tmp_path):
+    """Frames numbered and then lost before the writer (no drop counted anywhere on disk): the
+    only fault of the day, reported by bin/check_raw_sanity as lost frames (exit 1), per run and
+    exchange, with the window; nothing else is flagged."""
+    def tweak(tick, ex, si):
+        # book frames ((tick + si) % 4 == 0) of the middle symbol: their loss leaves no id or
+        # time gap, and the frames on both sides of each hole are of the same exchange
+        return "drop" if (tick, ex, si) in ((39, "binance", 1), (79, "bybit", 1)) else None
+    rec = Recorder(tmp_path, "20240305T100000Zcccc", exchanges=("binance", "bybit"))
+    rec.record(Market(), 0, 240, tweak)
+    rec.close()
+    assert rec.dropped == 2
+    r = check(tmp_path)
+    assert r["findings"] == ["2 frame(s) lost (recv_seq holes)"] and r["exit_code"] == 1
+    assert r["violations"] == [] and r["sequence_gaps"] == [] and r["time_gaps"] == []
+    assert r["offline"]["windows"] == [] and r["content"] == []
+    (run,) = r["accounting"]["runs"]
+    assert (run["lost_frames"], run["holes"], run["frames"]) == (2, 2, rec.seq - 2)
+    assert [(w["exchange"], w["lost"]) for w in run["windows"]] == [("binance", 1), ("bybit", 1)]
+    assert r["summary"]["binance"]["lost_frames"] == 1 and r["summary"]["bybit"]["lost_frames"] == 1
+    # the command line says so, with its exit code
+    script = os.path.join(ROOT, "bin", "check_raw_sanity")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("S3_", "STORAGE_"))}
+    p = subprocess.run([sys.executable, script, "--root", str(tmp_path), "--date", DAY, "--no-day-edges"],
+                       capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=120)
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "lost frames (recv_seq holes" in p.stdout
+    assert p.stdout.rstrip().endswith("result: FINDINGS (exit 1): 2 frame(s) lost (recv_seq holes)"), p.stdout
+
+
 # ---- the real collector against the simulator ------------------------------------------------------
 
 def test_collector_output_checks_clean_but_for_skipped_ids(tmp_path):
     """No false positives on what bin/collector really writes; the ids the exchange skipped are
     found exactly."""
     import datetime as dt
-    import time
     from sim import Simulator
-    from tests.helpers import CollectorProcess, sim_env
+    from tests.helpers import CollectorProcess, settle, sim_env, wait_until
     sim = Simulator(exchanges=("binance",), rate=40.0, seed=7, cadence_scale=0.2)
     sim.start()
+    topic = "btcusdt@aggTrade"
+
+    def sent(t=topic):
+        return sim.stats()["binance"]["frames"].get(t, 0)
     try:
         env = sim_env(sim, ("binance",))
         env.update({"EXCHANGES": "binance", "SYMBOLS": "BTCUSDT,ETHUSDT", "FLUSH_INTERVAL": "0.5",
                     "ROTATE_INTERVAL": "2"})
         with CollectorProcess(tmp_path, env) as c:
             c.wait_for("subscribed", count=2)
-            time.sleep(2)
-            sim.skip_ids("binance", "btcusdt@aggTrade", 5)
-            time.sleep(2)
-            sim.pause("binance")
-            time.sleep(1)
+            wait_until(lambda: sent() >= 10 and sent("btcusdt@markPrice@1s") >= 5, 20,
+                       what="trades and mark prices flowing")
+            sim.skip_ids("binance", topic, 5)
+            wait_until(lambda: sim.stats()["binance"]["skipped_ids"].get(topic) == 5, 20, what="5 ids skipped")
+            after = sent()
+            wait_until(lambda: sent() >= after + 5, 20, what="trades after the skipped ids")
+            settle(c, sim)
             assert c.stop() == 0
         sent = sim.stats()["binance"]
     finally:

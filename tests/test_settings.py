@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from app import settings
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 
 def test_defaults_match_contract(tmp_path):

@@ -5,7 +5,6 @@ closes, exact id gaps, row counts), so each is checked here against a live simul
 """
 import json
 import os
-import sys
 import threading
 import time
 import urllib.error
@@ -14,11 +13,10 @@ import urllib.request
 import pytest
 import websocket
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sim import Simulator
+from tests.helpers import SHARED
 
-from sim import Simulator  # noqa: E402
-
-SAMPLES = "/work/shared/samples"
+SAMPLES = os.path.join(SHARED, "samples")
 
 
 @pytest.fixture(scope="module")
@@ -690,7 +688,7 @@ def test_stats_rows_match_client_counts():
         threads = [threading.Thread(target=reader, args=x) for x in socks]
         for t in threads:
             t.start()
-        time.sleep(2.5)
+        time.sleep(2.5)                 # a stretch of generated data to reconcile, not a sync
         for ex in ("binance", "bybit", "okx"):
             s.pause(ex)
         paused.set()
@@ -813,7 +811,7 @@ def test_rest_latest_trade_consistent_with_ws(sim):
     a = recv_json(ws)["a"]
     sim.pause("binance")
     try:
-        time.sleep(0.1)
+        time.sleep(0.1)                 # frames already in flight when paused; drained below
         last = a
         ws.settimeout(0.2)
         try:

@@ -23,7 +23,7 @@ from app.exchanges import load
 from app.state import State
 from app.storage_s3 import S3Storage
 from app.handoff import FrameQueue, from_items
-from tests.helpers import CollectorProcess, sim_env, wait_until
+from tests.helpers import CollectorProcess, settle, sim_env, sim_quiet_baseline, wait_until
 from tests.s3server import ACCESS_KEY, REGION, SECRET_KEY, S3Server
 
 OUTAGE_S = float(os.environ.get("S3_OUTAGE_SECONDS", "10"))
@@ -133,7 +133,7 @@ class ListPoller(threading.Thread):
             try:
                 listed = self.srv.objects(self.bucket)
             except Exception:          # server down during an outage
-                time.sleep(0.05)
+                time.sleep(0.05)       # the poller's retry interval (it polls, it does not sync)
                 continue
             self.polls += 1
             self.seen |= set(listed)
@@ -142,7 +142,7 @@ class ListPoller(threading.Thread):
                     self.bad.append(("partial or unexpected", k, size, self.sizes.get(k)))
             for k in gone - set(listed):
                 self.bad.append(("deleted locally before visible", k))
-            time.sleep(0.01)
+            time.sleep(0.01)           # the polling interval: the poller is the observer under test
 
     def stop(self):
         self.halt.set()
@@ -195,7 +195,8 @@ def test_multipart_above_threshold_never_partially_visible(tmp_path, s3):
     for rel, (path, _) in files.items():
         st.publish(path, rel)
     wait_until(lambda: state.upload_backlog["files"] == 0, 60, what="uploads")
-    time.sleep(0.1)
+    polls = poller.polls                         # let the poller list the final state twice more
+    wait_until(lambda: poller.polls >= polls + 2, 10, interval=0.01, what="two more listings")
     poller.stop()
     st.stop(timeout=10)
     assert poller.bad == [] and poller.polls > 3
@@ -212,6 +213,88 @@ def test_multipart_above_threshold_never_partially_visible(tmp_path, s3):
     for rel, (_, body) in files.items():
         assert c.get_object(Bucket=bucket, Key=rel)["Body"].read() == body
     assert local_parquet(st.data_dir) == []
+
+
+class TamperingS3(S3Server):
+    """A store that, once per key, changes what it holds right after storing a single PUT and
+    before answering it: the upload succeeds, and what the uploader then finds under the key is
+    not what it sent. `how`: "missing" (the object is deleted), "short" (100 bytes shorter),
+    "other_bytes" (same size, other bytes: only the MD5 ETag differs). Retries of the key are
+    stored as sent. The tampering goes through the S3 API of this same server, under its own
+    access key, so it is neither logged nor tampered with itself. For every request on a key in
+    `watch` (key -> local path), it notes whether the uploader's local copy still existed."""
+
+    TAMPER_KEY = "AKIDTESTQUANTLABTAMP"
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.tampered: set[str] = set()
+        self.watch: dict[str, str] = {}
+        self.seen: list[tuple[str, str, bool]] = []        # (method, key, local copy exists)
+
+    def _wsgi(self, environ, start_response):
+        if f"Credential={self.TAMPER_KEY}/" in environ.get("HTTP_AUTHORIZATION", ""):
+            return self._app(environ, start_response)
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+        bucket, _, key = path.lstrip("/").partition("/")
+        if key in self.watch:
+            self.seen.append((method, key, os.path.exists(self.watch[key])))
+        response = super()._wsgi(environ, start_response)    # moto has stored the object now
+        single_put = method == "PUT" and "uploadId=" not in environ.get("QUERY_STRING", "")
+        if single_put and key and key not in self.tampered:
+            self.tampered.add(key)
+            c = self.client(key=self.TAMPER_KEY)
+            body = c.get_object(Bucket=bucket, Key=key)["Body"].read()
+            if self.how == "missing":
+                c.delete_object(Bucket=bucket, Key=key)
+            elif self.how == "short":
+                c.put_object(Bucket=bucket, Key=key, Body=body[:-100])
+            else:
+                c.put_object(Bucket=bucket, Key=key, Body=bytes(b ^ 0xFF for b in body))
+        return response
+
+
+@pytest.mark.parametrize("how", ["missing", "short", "other_bytes"])
+def test_unconfirmed_upload_keeps_the_local_copy_and_is_retried(tmp_path, events, how):
+    """The store answers the PUT, but HEAD finds the object missing, shorter, or with another
+    ETag: the upload does not count, the local file stays, and the next attempt uploads it
+    again (the retry HEADs first and does not trust what is there); only then is it deleted."""
+    srv = TamperingS3(how)
+    srv.start()
+    try:
+        bucket = srv.new_bucket()
+        st, state = make_storage(tmp_path, srv, bucket, upload_concurrency=1)
+        st.start()
+        rel = raw_key(1)
+        okey = f"pfx/{rel}"
+        path, body = put_local(st, rel, 5000)
+        srv.watch[okey] = path
+        st.publish(path, rel)
+        wait_until(lambda: events.named("file_uploaded"), 20, what="file_uploaded")
+        st.stop(timeout=10)
+        srv.watch.clear()                        # what follows are the test's own reads
+        stored = srv.client().get_object(Bucket=bucket, Key=okey)["Body"].read()
+        counts = srv.request_counts(bucket)
+    finally:
+        srv.stop()
+    assert srv.tampered == {okey}
+    failed = events.named("upload_failed")
+    assert [(e["object"], e["attempt"]) for e in failed] == [(okey, 1)]
+    expect = {"missing": "404", "short": "size 4900 in the store, 5000 local",
+              "other_bytes": "ETag "}[how]
+    assert expect in failed[0]["reason"], failed[0]["reason"]
+    assert state.total("upload_failures") == 1
+    # the local copy was there for every request of both attempts: PUT, HEAD, HEAD (the retry's
+    # check, which found the wrong object), PUT, HEAD
+    assert [(m, there) for m, _k, there in srv.seen] == [
+        ("PUT", True), ("HEAD", True), ("HEAD", True), ("PUT", True), ("HEAD", True)]
+    assert counts[("put", okey)] == 2
+    (up,) = events.named("file_uploaded")
+    assert (up["key"], up["attempts"], up["already_there"]) == (okey, 2, False)
+    assert stored == body                        # the store holds exactly the local bytes
+    assert not os.path.exists(path)              # deleted once confirmed
+    assert state.total("files_uploaded") == 1 and state.upload_backlog["files"] == 0
 
 
 def test_restart_uploads_leftovers_oldest_first(tmp_path, s3, events):
@@ -266,7 +349,7 @@ def test_outage_keeps_files_and_resumes_in_order(tmp_path, own_s3, events):
         sizes[rel] = size
         st.publish(paths[rel], rel)
         i += 1
-        time.sleep(min(1.0, OUTAGE_S / 10))
+        time.sleep(min(1.0, OUTAGE_S / 10))     # the outage lasts OUTAGE_S: time passing is the point
     # during the outage: everything is still local, counted in the backlog, failures logged
     assert all(os.path.exists(p) for p in paths.values())
     bl = state.upload_backlog
@@ -373,8 +456,7 @@ def _start_bad(tmp_path, name, env) -> CollectorProcess:
 
 
 def _assert_exit2(c: CollectorProcess, setting: str):
-    rc = c.proc.wait(60)
-    time.sleep(0.2)
+    rc = c.wait(60)                              # exit, and all of its output read
     out = "".join(c.raw)
     assert rc == 2, out
     assert f"invalid setting {setting}:" in out, out
@@ -433,9 +515,9 @@ def test_e2e_simulator_to_bucket(tmp_path, s3, sim):
     with CollectorProcess(tmp_path, env) as c:
         c.wait_for("subscribed", timeout=30)
         c.wait_for("file_uploaded", lambda l: "/raw/v1/bbo/" in l["key"], timeout=30)
-        time.sleep(2)
-        sim.pause("binance")
-        time.sleep(1.0)
+        wait_until(lambda: all(sim.stats()["binance"]["rows"][ds] > 0 for ds in ("bbo", "trades", "mark_price", "funding")),
+                   20, what="rows of every dataset sent")
+        settle(c, sim)
         assert c.stop() == 0
     written = {os.path.relpath(l["path"], c.data_dir) for l in c.events("file_written")}
     uploaded = [l["key"] for l in c.events("file_uploaded")]
@@ -481,8 +563,7 @@ def test_e2e_store_down_at_stop_next_run_uploads_the_rest(tmp_path, own_s3, sim)
         srv.stop()
         c1.wait_for("upload_failed", timeout=10)
         c1.wait_for("file_written", count=len(c1.events("file_written")) + 1, timeout=10)
-        sim.pause("binance")
-        time.sleep(1.0)
+        settle(c1, sim)
         t0 = time.monotonic()
         assert c1.stop() == 0
         assert time.monotonic() - t0 < 20
@@ -495,6 +576,7 @@ def test_e2e_store_down_at_stop_next_run_uploads_the_rest(tmp_path, own_s3, sim)
     srv.start()
     stored_whole = {k for k, size in srv.objects(bucket).items() if spooled_sizes.get(k) == size}
     first_run_requests = len(srv.requests)
+    since = sim_quiet_baseline(sim)
     with CollectorProcess(tmp_path, env) as c2:
         found = c2.wait_for("upload_backlog_found", timeout=30)[0]
         assert found["files"] == len(spooled)
@@ -502,9 +584,9 @@ def test_e2e_store_down_at_stop_next_run_uploads_the_rest(tmp_path, own_s3, sim)
         sim.resume("binance")
         c2.wait_for("file_uploaded", lambda l: all(os.path.exists(os.path.join(c1.data_dir, k)) is False
                                                    for k in spooled), timeout=30)
-        time.sleep(2)
-        sim.pause("binance")
-        time.sleep(1.0)
+        n = sim.stats()["binance"]["rows"]["trades"]
+        wait_until(lambda: sim.stats()["binance"]["rows"]["trades"] > n + 10, 20, what="trades in run 2")
+        settle(c2, sim, since=since)
         assert c2.stop() == 0
     objs = srv.objects(bucket)
     assert {f"{prefix}/{k}" for k in spooled} <= set(objs)

@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -195,7 +194,11 @@ def test_group_one_program_per_exchange_shares_data_dir(tmp_path, simulator):
                    len([1 for l in sup.events("collector-okx", "file_written")
                         if l["ts"] < sup.events("collector-okx", "collector_stop")[0]["ts"]]),
                    timeout=30, what="okx writes again")
-        time.sleep(1.0)                           # binance/bybit keep spooling across okx's restart
+        # binance/bybit keep writing across okx's restart: each wrote a file after okx's new start
+        okx_back = sup.events("collector-okx", "collector_start")[-1]["ts"]
+        for p in GROUP:
+            wait_until(lambda p=p: [l for l in sup.events(p, "file_written") if l["ts"] > okx_back],
+                       timeout=30, what=f"{p} writes after okx's restart")
 
         r = sup.ctl("stop", "collectors:*")
         assert all(f"collectors:{p}: stopped" in r.stdout for p in GROUP), r.stdout + r.stderr

@@ -5,7 +5,7 @@ import time
 
 import pyarrow.parquet as pq
 
-from app import schema, settings as settings_mod, writer as writer_mod
+from app import settings as settings_mod, writer as writer_mod
 from app.exchanges import load
 from app.state import State
 from app.storage import LocalStorage
@@ -94,6 +94,31 @@ def test_run_drains_queue_on_stop(tmp_path):
     files = glob.glob(str(tmp_path / "raw/v1/bbo/**/*.parquet"), recursive=True)
     assert sum(pq.read_metadata(p).num_rows for p in files) == 50
     assert state.total("rows_written", "binance", "bbo") == 50
+
+
+def test_frames_queued_just_before_stop_reach_parquet(tmp_path, monkeypatch):
+    """stop() right after the last frames were queued, no pause in between: the running writer
+    takes them, and its final flush parses and spools them before the last rotation, so they are
+    in Parquet. The parse interval and the flush interval are made longer than the test, so
+    nothing but that final flush can write them."""
+    from tests.helpers import wait_until
+    monkeypatch.setattr(writer_mod, "PARSE_INTERVAL_S", 3600.0)
+    w, q, state, _ = make_writer(tmp_path, flush_interval=3600.0, rotate_interval=3600.0)
+    for batch in from_items(items(20, 1)):
+        q.put_nowait(batch)
+    w.start()
+    wait_until(lambda: w.frames_processed == 20, 10, interval=0.01, what="the first frames taken")
+    for batch in from_items(items(30, 21)):      # queued while the writer runs ...
+        q.put_nowait(batch)
+    w.stop()                                     # ... and stopped at once
+    assert not w.is_alive()
+    files = glob.glob(str(tmp_path / "raw/v1/bbo/**/*.parquet"), recursive=True)
+    ids = sorted(v for p in files for v in pq.read_table(p).column("update_id").to_pylist())
+    assert ids == list(range(1, 51))
+    frames = glob.glob(str(tmp_path / "raw/v1/frames/**/*.parquet"), recursive=True)
+    assert sorted(v for p in frames for v in pq.read_table(p).column("recv_seq").to_pylist()) == list(range(1, 51))
+    assert state.total("rows_written", "binance", "bbo") == 50
+    assert not glob.glob(str(tmp_path / "spool" / "*.arrows"))
 
 
 def test_backlog_is_parsed_in_chunks_of_writer_batch(tmp_path):
