@@ -1,7 +1,8 @@
 """The read-only status API: a bottle app served by waitress in its own thread.
 
     GET /status   state, reasons, uptime, version, ids, connections, the last 15 minutes
-    GET /metrics  every counter: JSON, or Prometheus text / OpenMetrics by the Accept header
+    GET /metrics  every counter and gauge in the Prometheus text format (OpenMetrics when the
+                  Accept header asks for it); JSON with ?format=json or Accept: application/json
     GET /healthz  200 unless ERROR or OFFLINE (503): for a load balancer or a cron probe
 
 Everything else is refused: any method but GET/HEAD gets 405 (nothing here changes anything),
@@ -15,9 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import threading
 
 import bottle
+from prometheus_client import PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import CollectorRegistry
 from waitress import wasyncore
 from waitress.server import create_server
 
@@ -26,8 +32,6 @@ from app import logs
 log = logs.get()
 
 READ_METHODS = ("GET", "HEAD")
-PROM_TEXT = "text/plain; version=0.0.4; charset=utf-8"
-OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 HELP = {
     "frames_received": "WebSocket text frames read from the sockets",
@@ -64,29 +68,76 @@ def _json(data, status: int = 200) -> bottle.HTTPResponse:
                                headers={"Content-Type": "application/json", "Cache-Control": "no-store"})
 
 
+# The Prometheus name of every counter we know (JSON keeps the left-hand names); units last
+# (`_bytes`, `_seconds`), then `_total`. A counter not listed here is exported as
+# collector_<name>_total, so nothing counted is ever missing from /metrics.
+COUNTER_NAMES = {
+    "frames_received": "collector_frames_received_total",
+    "frames_dropped": "collector_frames_dropped_total",
+    "frames_unparsed": "collector_frames_unparsed_total",
+    "frames_written": "collector_frames_written_total",
+    "frames_non_utf8": "collector_frames_non_utf8_total",
+    "frames_dropped_spool_full": "collector_frames_dropped_spool_full_total",
+    "rows_written": "collector_rows_written_total",
+    "rows_rejected": "collector_rows_rejected_total",
+    "reconnects": "collector_reconnects_total",
+    "gaps": "collector_gaps_total",
+    "subscription_errors": "collector_subscription_errors_total",
+    "subscriptions_rejected": "collector_subscriptions_rejected_total",
+    "discovery_failures": "collector_discovery_failures_total",
+    "files_written": "collector_files_written_total",
+    "bytes_written": "collector_written_bytes_total",
+    "files_uploaded": "collector_files_uploaded_total",
+    "bytes_uploaded": "collector_uploaded_bytes_total",
+    "upload_failures": "collector_upload_failures_total",
+    "writer_parse_seconds": "collector_writer_parse_seconds_total",
+    "writer_parse_cpu_seconds": "collector_writer_parse_cpu_seconds_total",
+    "alignments": "collector_alignments_total",
+    "alignments_skipped": "collector_alignments_skipped_total",
+    "alignments_failed": "collector_alignments_failed_total",
+    "rest_throttled": "collector_rest_throttled_total",
+}
+# Counted per dataset (the `dataset` label); the others are per exchange only.
+DATASET_COUNTERS = frozenset(("rows_written", "rows_rejected", "gaps", "files_written", "bytes_written",
+                              "files_uploaded", "bytes_uploaded", "upload_failures"))
+# Exported at 0 from the first scrape for every exchange of state.exchanges (with dataset="" for the
+# per-dataset ones), and per dataset for every dataset an exchange has counted anything for: so
+# rate()/increase() and alerts see the first event rather than a series that appears with it.
+ZERO_COUNTERS = tuple(COUNTER_NAMES)
+# Gauges whose Prometheus name is not simply collector_<json name>.
+GAUGE_NAMES = {"queue_utilisation": "collector_queue_utilisation_ratio"}
+
+
 def _metric_name(name: str) -> str:
     return "collector_" + re.sub(r"[^a-zA-Z0-9_]", "_", name)
 
 
-def _label_value(v) -> str:
-    return str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+def counter_name(counter: str) -> str:
+    """The Prometheus sample name (with `_total`) of a state counter."""
+    return COUNTER_NAMES.get(counter) or _metric_name(counter) + "_total"
 
 
-def _labels(**labels) -> str:
-    parts = [f'{k}="{_label_value(v)}"' for k, v in labels.items() if v not in (None, "")]
-    return "{" + ",".join(parts) + "}" if parts else ""
+def gauge_name(name: str) -> str:
+    return GAUGE_NAMES.get(name) or _metric_name(name)
 
 
-def _num(v) -> str:
-    if isinstance(v, bool):
-        return "1" if v else "0"
-    if isinstance(v, int):
-        return str(v)
-    return repr(float(v))
+def disk_figures(state) -> dict | None:
+    """Free/total bytes of the filesystem holding `state.data_dir` (an optional attribute set by
+    whoever builds the State; None or unset: unknown). None when unknown or unreadable: no gauge
+    rather than a 0 that would look like a full disk."""
+    path = getattr(state, "data_dir", None)
+    if not path:
+        return None
+    try:
+        du = shutil.disk_usage(path)
+    except (OSError, TypeError, ValueError):
+        return None
+    return {"free": du.free, "total": du.total, "ratio": round(du.free / du.total, 6) if du.total else 0.0}
 
 
 def gauges(state, now: float | None = None) -> list[tuple[str, str, list[tuple[dict, float]]]]:
-    """(name, help, [(labels, value)]) of every gauge; counters come from state.counter_items()."""
+    """(name, help, [(labels, value)]) of every gauge; counters come from state.counter_items().
+    Names are the JSON ones; Prometheus names come from gauge_name()."""
     from app.state import STATES
     now = state.clock() if now is None else now
     q = state.queue_figures(int(now * 1e9))
@@ -122,41 +173,68 @@ def gauges(state, now: float | None = None) -> list[tuple[str, str, list[tuple[d
         out.append(("spool_bytes", "S3 spool usage: files waiting for upload + open spool files",
                     [({}, usage.get("bytes") or 0)]))
         out.append(("spool_budget_bytes", "spool_max_bytes", [({}, usage.get("budget") or 0)]))
+    disk = disk_figures(state)
+    if disk is not None:
+        out.append(("disk_free_bytes", "bytes free (for the collector's user) on the data_dir filesystem",
+                    [({}, disk["free"])]))
+        out.append(("disk_total_bytes", "size of the data_dir filesystem", [({}, disk["total"])]))
+        out.append(("disk_free_ratio", "disk_free_bytes / disk_total_bytes", [({}, disk["ratio"])]))
     return out
 
 
-def prometheus_text(state, openmetrics: bool = False, now: float | None = None) -> str:
-    """Prometheus text exposition 0.0.4, or OpenMetrics 1.0 (counter families without the
-    `_total` suffix, an info family, `# EOF`)."""
-    lines: list[str] = []
-    families: dict[str, list] = {}
-    for counter, exchange, dataset, value in state.counter_items():
-        families.setdefault(counter, []).append(({"exchange": exchange, "dataset": dataset}, value))
-    for counter, samples in families.items():
-        base = _metric_name(counter)
-        family = base if openmetrics else base + "_total"
-        lines.append(f"# HELP {family} {HELP.get(counter, counter.replace('_', ' '))}")
-        lines.append(f"# TYPE {family} counter")
-        merged: dict[str, int] = {}
-        for labels, value in samples:
-            key = _labels(**labels)
-            merged[key] = merged.get(key, 0) + value
-        for key, value in merged.items():
-            lines.append(f"{base}_total{key} {_num(value)}")
-    for name, help_text, samples in gauges(state, now):
-        family = _metric_name(name)
-        lines.append(f"# HELP {family} {help_text}")
-        lines.append(f"# TYPE {family} gauge")
-        for labels, value in samples:
-            lines.append(f"{family}{_labels(**labels)} {_num(value)}")
-    info = _labels(version=state.version, instance_id=state.instance_id, run_id=state.run_id)
-    if openmetrics:
-        lines += ["# HELP collector_build collector version and identity", "# TYPE collector_build info",
-                  f"collector_build_info{info} 1", "# EOF"]
-    else:
-        lines += ["# HELP collector_build_info collector version and identity",
-                  "# TYPE collector_build_info gauge", f"collector_build_info{info} 1"]
-    return "\n".join(lines) + "\n"
+class StateCollector:
+    """A prometheus_client collector over the State, read at scrape time (nothing is copied
+    between scrapes): every counter per exchange (and dataset), every gauge of gauges(), and
+    collector_build_info."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def collect(self):
+        st = self.state
+        rows: dict[str, dict[tuple[str, str], float]] = {}
+        datasets: dict[str, set[str]] = {}
+        for counter in ZERO_COUNTERS:
+            fam = rows.setdefault(counter, {})
+            for ex in st.exchanges:
+                fam[(ex, "")] = 0
+        for counter, exchange, dataset, value in st.counter_items():
+            fam = rows.setdefault(counter, {})
+            fam[(exchange, dataset)] = fam.get((exchange, dataset), 0) + value
+            if dataset:
+                datasets.setdefault(exchange, set()).add(dataset)
+        for counter, fam in rows.items():
+            per_dataset = counter in DATASET_COUNTERS or any(d for _e, d in fam)
+            if per_dataset:
+                # every dataset the exchange has reported anything for, at 0 until counted
+                for ex, dss in datasets.items():
+                    for ds in dss:
+                        fam.setdefault((ex, ds), 0)
+            name = counter_name(counter)
+            metric = CounterMetricFamily(name, HELP.get(counter, counter.replace("_", " ")),
+                                         labels=("exchange", "dataset") if per_dataset else ("exchange",))
+            for (ex, ds), value in sorted(fam.items()):
+                metric.add_metric((ex, ds) if per_dataset else (ex,), value)
+            yield metric
+        for name, help_text, samples in gauges(st):
+            labels = list(samples[0][0]) if samples else []
+            metric = GaugeMetricFamily(gauge_name(name), help_text, labels=labels)
+            for lab, value in samples:
+                metric.add_metric([str(lab.get(k, "")) for k in labels], float(value))
+            yield metric
+        yield InfoMetricFamily("collector_build", "collector version and identity",
+                               value={"version": str(st.version or ""), "instance_id": str(st.instance_id or ""),
+                                      "run_id": str(st.run_id or "")})
+
+
+def registry_for(state) -> CollectorRegistry:
+    """A registry of our own per app (not the global one: tests build several apps): the State's
+    metrics, the process_* metrics (CPU, RSS, fds, start time) and python_info."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StateCollector(state))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
 
 
 def metrics_json(state, now: float | None = None) -> dict:
@@ -166,6 +244,45 @@ def metrics_json(state, now: float | None = None) -> dict:
             "gauges": {name: (samples[0][1] if len(samples) == 1 and not samples[0][0]
                               else [dict(labels, value=v) for labels, v in samples])
                        for name, _h, samples in gauges(state, now)}}
+
+
+FORMATS = ("prometheus", "openmetrics", "json")
+_OFFERED = (("openmetrics", "application/openmetrics-text"), ("prometheus", "text/plain"),
+            ("json", "application/json"))
+
+
+def metrics_format(query: str | None, accept: str | None) -> str | None:
+    """What /metrics answers: `?format=` first (prometheus or text, openmetrics, json; None if
+    unknown), else the Accept header: of the types it names, the one with the highest q
+    (OpenMetrics, then text/plain, then JSON on a tie: what a Prometheus server asks for wins);
+    else (no header, `*/*`, a browser) the Prometheus text format."""
+    if query is not None and query.strip():
+        q = query.strip().lower()
+        q = {"text": "prometheus"}.get(q, q)
+        return q if q in FORMATS else None
+    ranges = []
+    for part in (accept or "").split(","):
+        media, *params = [p.strip() for p in part.split(";")]
+        weight = 1.0
+        for param in params:
+            key, _, val = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    weight = float(val)
+                except ValueError:
+                    weight = 0.0
+        ranges.append((media.lower(), weight))
+    best, best_q = "prometheus", 0.0
+    for fmt, media in _OFFERED:
+        named = [w for m, w in ranges if m == media or (fmt == "prometheus" and m == "text/*")]
+        if named and max(named) > best_q:
+            best, best_q = fmt, max(named)
+    return best
+
+
+def _ranges(accept: str, media: str) -> str:
+    """The parts of an Accept header naming `media` (with their version/escaping parameters)."""
+    return ",".join(p for p in (accept or "").split(",") if p.split(";")[0].strip().lower() == media)
 
 
 def build_app(state) -> bottle.Bottle:
@@ -192,15 +309,24 @@ def build_app(state) -> bottle.Bottle:
         ok = state.state not in ("ERROR", "OFFLINE")
         return _json({"state": state.state, "reasons": list(state.reasons)}, 200 if ok else 503)
 
+    registry = registry_for(state)
+
     @app.get("/metrics")
     def metrics():
-        accept = (bottle.request.headers.get("Accept") or "").lower()
-        if "application/openmetrics-text" in accept:
-            return bottle.HTTPResponse(prometheus_text(state, openmetrics=True), 200,
-                                       headers={"Content-Type": OPENMETRICS})
-        if "text/plain" in accept:
-            return bottle.HTTPResponse(prometheus_text(state), 200, headers={"Content-Type": PROM_TEXT})
-        return _json(metrics_json(state))
+        accept = bottle.request.headers.get("Accept") or ""
+        fmt = metrics_format(bottle.request.query.get("format"), accept)
+        if fmt is None:
+            return _json({"error": "unknown format", "formats": list(FORMATS)}, 400)
+        if fmt == "json":
+            return _json(metrics_json(state))
+        if fmt == "openmetrics":
+            # the client's own OpenMetrics range (version, escaping), or plain 1.0.0 for ?format=
+            accept = _ranges(accept, "application/openmetrics-text") or "application/openmetrics-text"
+        else:
+            accept = _ranges(accept, "text/plain")  # choose_encoder prefers OpenMetrics whenever named
+        encoder, content_type = choose_encoder(accept)
+        return bottle.HTTPResponse(encoder(registry), 200,
+                                   headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
     @app.route("/", method="ANY")
     @app.route("/<path:path>", method="ANY")
@@ -289,24 +415,3 @@ class StatusServer:
             pass
         self._thread.join(timeout)
         log.info("status_stopped", extra={"port": self.port, "clean": not self._thread.is_alive()})
-
-
-def _start_server(collector) -> None:
-    s = collector.settings
-    try:
-        server = StatusServer(collector.state, s.status_host, s.status_port)
-    except OSError as e:
-        from app.collector import StartupError
-        raise StartupError("status_port", f"cannot listen on {s.status_host}:{s.status_port}: "
-                                          f"{e.strerror or e}") from None
-    collector.status_server = server.start()
-
-
-def _stop_server(collector) -> None:
-    server = getattr(collector, "status_server", None)
-    if server is not None:
-        server.stop()
-
-
-# Collector.extra_threads entry: (start(collector), stop(collector)).
-STATUS_THREAD = (_start_server, _stop_server)

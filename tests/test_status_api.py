@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +15,6 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
 
 from app import settings as settings_mod, status_api
-from app.collector import StartupError
 from app.state import DEGRADED, ERROR, OFFLINE, READY, Monitor, State
 from app.handoff import FrameQueue
 from tests.test_state import T0, Clock, FakeConn, make_settings
@@ -81,9 +81,11 @@ def test_status_is_readable_with_json_tool(live):
     assert b'"state": "DEGRADED"' in out.stdout and out.stdout.count(b"\n") > 30
 
 
-def test_metrics_json_has_every_counter(live):
+@pytest.mark.parametrize("query,headers", [("?format=json", {}), ("", {"Accept": "application/json"}),
+                                           ("?format=json", {"Accept": "text/plain"})])
+def test_metrics_json_has_every_counter(live, query, headers):
     st, url, _srv = live
-    r = requests.get(url + "/metrics", timeout=5)
+    r = requests.get(url + "/metrics" + query, headers=headers, timeout=5)
     assert r.status_code == 200 and r.headers["Content-Type"] == "application/json"
     doc = r.json()
     assert doc["counters"] == json.loads(json.dumps(st.counters()))
@@ -91,6 +93,7 @@ def test_metrics_json_has_every_counter(live):
     assert doc["counters"]["binance"]["frames_dropped"] == 2
     g = doc["gauges"]
     assert g["queue_capacity"] == 1000 and g["uptime_seconds"] == 131.0
+    assert g["queue_utilisation"] == 0.0 and "queue_utilisation_ratio" not in g     # JSON keeps its names
     assert {d["state"]: d["value"] for d in g["state"]}[DEGRADED] == 1
 
 
@@ -98,35 +101,160 @@ def _families(text, parser):
     return {f.name: f for f in parser(text)}
 
 
-@pytest.mark.parametrize("accept", ["text/plain", "text/plain;version=0.0.4;q=0.9,*/*;q=0.1"])
+def _by(family, *labels, nonzero=False):
+    out = {}
+    for s in family.samples:
+        if nonzero and not s.value:
+            continue
+        key = tuple(s.labels.get(k, "") for k in labels)
+        out[key if len(key) > 1 else key[0]] = out.get(key if len(key) > 1 else key[0], 0.0) + s.value
+    return out
+
+
+@pytest.mark.parametrize("accept", [None, "*/*", "text/plain", "text/plain;version=0.0.4;q=0.9,*/*;q=0.1",
+                                    "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+                                    "application/json;q=0.5, text/plain", "text/*"])
 def test_metrics_prometheus_text(live, accept):
+    """The default (curl, a browser, Prometheus' text/plain): the Prometheus text format."""
     _st, url, _srv = live
-    r = requests.get(url + "/metrics", headers={"Accept": accept}, timeout=5)
+    headers = {} if accept is None else {"Accept": accept}
+    if accept is None:                                      # no Accept header at all
+        with requests.Session() as s:
+            s.headers.pop("Accept", None)
+            r = s.get(url + "/metrics", timeout=5)
+    else:
+        r = requests.get(url + "/metrics", headers=headers, timeout=5)
     assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     text = r.text
     assert "# HELP collector_frames_received_total " in text
     assert "# TYPE collector_frames_received_total counter" in text
     fams = _families(text, parse_prometheus)
-    recv = {s.labels["exchange"]: s.value for s in fams["collector_frames_received"].samples}
-    assert recv == {"binance": 1300.0, "okx": 650.0}
-    rows = {(s.labels["exchange"], s.labels["dataset"]): s.value for s in fams["collector_rows_written"].samples}
-    assert rows == {("binance", "bbo"): 1040.0, ("okx", "trades"): 520.0}
+    assert _by(fams["collector_frames_received"], "exchange") == {"binance": 1300.0, "okx": 650.0}
+    assert _by(fams["collector_rows_written"], "exchange", "dataset", nonzero=True) == \
+        {("binance", "bbo"): 1040.0, ("okx", "trades"): 520.0}
     assert fams["collector_rows_written"].type == "counter"
+    assert _by(fams["collector_written_bytes"], "exchange", "dataset", nonzero=True) == {("binance", "bbo"): 4096.0}
+    assert _by(fams["collector_frames_dropped"], "exchange") == {"binance": 2.0, "okx": 0.0}
     state = {s.labels["state"]: s.value for s in fams["collector_state"].samples}
     assert state == {READY: 0.0, DEGRADED: 1.0, OFFLINE: 0.0, ERROR: 0.0}
     assert fams["collector_queue_capacity"].samples[0].value == 1000.0
+    assert fams["collector_queue_utilisation_ratio"].type == "gauge" and "collector_queue_utilisation" not in fams
+    assert fams["collector_uptime_seconds"].samples[0].value == 131.0
     assert fams["collector_build_info"].samples[0].labels["instance_id"] == "box-1"
+    for name in ("collector_streams", "collector_streams_requested", "collector_writer_lag_seconds",
+                 "collector_upload_backlog_oldest_age_seconds", "collector_connections_connected"):
+        assert fams[name].type == "gauge", name
 
 
-def test_metrics_openmetrics(live):
+@pytest.mark.parametrize("accept", ["application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+                                    "application/openmetrics-text"])
+def test_metrics_openmetrics(live, accept):
     _st, url, _srv = live
-    accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
     r = requests.get(url + "/metrics", headers={"Accept": accept}, timeout=5)
     assert r.headers["Content-Type"].startswith("application/openmetrics-text")
     assert r.text.endswith("# EOF\n")
     fams = _families(r.text, parse_openmetrics)        # strict: raises on any format error
-    assert {s.labels["exchange"]: s.value for s in fams["collector_gaps"].samples} == {"okx": 1.0}
+    assert _by(fams["collector_gaps"], "exchange") == {"binance": 0.0, "okx": 1.0}
+    assert _by(fams["collector_gaps"], "exchange", "dataset", nonzero=True) == {("okx", "trades"): 1.0}
     assert fams["collector_build"].type == "info"
+    assert fams["process_cpu_seconds"].type == "counter"
+
+
+@pytest.mark.parametrize("query,accept,expect", [
+    ("?format=prometheus", "application/json", "text/plain; version=0.0.4"),
+    ("?format=text", None, "text/plain; version=0.0.4"),
+    ("?format=openmetrics", None, "application/openmetrics-text; version=1.0.0"),
+    ("?format=JSON", None, "application/json"),
+    ("", "application/json, text/plain;q=0.5", "application/json"),
+    ("", "application/json, text/plain, */*", "text/plain; version=0.0.4"),   # a tie: the scraper's type
+    ("", "application/json;q=0, */*", "text/plain; version=0.0.4"),
+])
+def test_metrics_format_negotiation(live, query, accept, expect):
+    _st, url, _srv = live
+    r = requests.get(url + "/metrics" + query, headers={"Accept": accept} if accept else {}, timeout=5)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith(expect)
+    assert r.headers["Cache-Control"] == "no-store"
+
+
+def test_metrics_unknown_format_is_a_json_400(live):
+    _st, url, _srv = live
+    r = requests.get(url + "/metrics?format=xml", timeout=5)
+    assert r.status_code == 400 and r.headers["Content-Type"] == "application/json"
+    assert r.json() == {"error": "unknown format", "formats": ["prometheus", "openmetrics", "json"]}
+
+
+REQUIRED_AT_ZERO = ("collector_frames_dropped_total", "collector_frames_unparsed_total", "collector_reconnects_total",
+                    "collector_gaps_total", "collector_subscriptions_rejected_total",
+                    "collector_subscription_errors_total", "collector_upload_failures_total",
+                    "collector_files_written_total", "collector_written_bytes_total",
+                    "collector_frames_received_total", "collector_rows_written_total")
+
+
+def _scrape(state, accept="text/plain"):
+    srv = status_api.StatusServer(state, "127.0.0.1", 0).start()
+    try:
+        return requests.get(f"http://127.0.0.1:{srv.port}/metrics", headers={"Accept": accept}, timeout=5).text
+    finally:
+        srv.stop()
+
+
+def test_counters_exist_at_zero_on_a_fresh_state():
+    """Before any event, so rate()/increase() and the alerts see the first drop, gap or failure."""
+    text = _scrape(State(exchanges=("binance", "bybit", "okx")))
+    samples = {}
+    for fam in parse_prometheus(text):
+        for s in fam.samples:
+            samples.setdefault(s.name, []).append(s)
+    for name in REQUIRED_AT_ZERO:
+        got = {s.labels["exchange"]: s.value for s in samples[name]}
+        assert got == {"binance": 0.0, "bybit": 0.0, "okx": 0.0}, name
+    assert {s.labels["status"] for s in samples["collector_streams"]} == {"live", "pending", "rejected"}
+    parse_openmetrics(_scrape(State(exchanges=("okx",)), "application/openmetrics-text"))     # strict
+
+
+def test_process_metrics_are_exported(live):
+    _st, url, _srv = live
+    fams = _families(requests.get(url + "/metrics", timeout=5).text, parse_prometheus)
+    rss = fams["process_resident_memory_bytes"].samples[0].value
+    assert 1e6 < rss == pytest.approx(psutil.Process().memory_info().rss, rel=0.5)
+    assert fams["process_cpu_seconds"].type == "counter" and fams["process_cpu_seconds"].samples[0].value > 0
+    assert abs(fams["process_start_time_seconds"].samples[0].value - psutil.Process().create_time()) < 2
+    assert fams["process_open_fds"].samples[0].value > 0
+    assert fams["python_info"].samples[0].labels["implementation"]
+
+
+def test_disk_free_of_data_dir(live, tmp_path):
+    st, url, _srv = live
+    fams = _families(requests.get(url + "/metrics", timeout=5).text, parse_prometheus)
+    assert "collector_disk_free_bytes" not in fams         # data_dir unknown: no gauge, not a full disk
+    st.data_dir = str(tmp_path)
+    fams = _families(requests.get(url + "/metrics", timeout=5).text, parse_prometheus)
+    du = shutil.disk_usage(tmp_path)
+    free = fams["collector_disk_free_bytes"].samples[0].value
+    assert free == pytest.approx(du.free, rel=0.05) and fams["collector_disk_total_bytes"].samples[0].value == du.total
+    assert 0 < fams["collector_disk_free_ratio"].samples[0].value <= 1
+    assert requests.get(url + "/metrics?format=json", timeout=5).json()["gauges"]["disk_total_bytes"] == du.total
+    st.data_dir = str(tmp_path / "gone")                   # unreadable: the gauges go, /metrics stays 200
+    r = requests.get(url + "/metrics", timeout=5)
+    assert r.status_code == 200 and "collector_disk_free_bytes" not in r.text
+
+
+def test_each_app_has_its_own_registry(live):
+    """Several apps in one process (tests): each reports its own State, none the global registry's."""
+    _st, url, _srv = live
+    other = State(version="0.0.1", instance_id="box-2", exchanges=("bybit",))
+    fams = _families(_scrape(other), parse_prometheus)
+    assert fams["collector_build_info"].samples[0].labels["instance_id"] == "box-2"
+    assert set(_by(fams["collector_frames_received"], "exchange")) == {"bybit"}
+    fams = _families(requests.get(url + "/metrics", timeout=5).text, parse_prometheus)
+    assert fams["collector_build_info"].samples[0].labels["instance_id"] == "box-1"
+    assert set(_by(fams["collector_frames_received"], "exchange")) == {"binance", "okx"}
+
+
+def test_head_metrics_is_a_read(live):
+    _st, url, _srv = live
+    r = requests.head(url + "/metrics", timeout=5)
+    assert r.status_code == 200 and r.content == b"" and r.headers["Content-Type"].startswith("text/plain")
 
 
 @pytest.mark.parametrize("state,code", [(READY, 200), (DEGRADED, 200), (OFFLINE, 503), (ERROR, 503)])
@@ -191,18 +319,14 @@ def test_default_binds_loopback_only(tmp_path, monkeypatch):
         srv.stop()
 
 
-def test_port_in_use_is_a_startup_error_naming_the_setting(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_port_in_use_is_an_oserror_at_construction():
+    """The collector turns it into a settings error naming status_port (app/collector.py)."""
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     try:
-        class FakeCollector:
-            settings = make_settings(tmp_path, status_port=taken.getsockname()[1])
-            state = State()
-        with pytest.raises(StartupError) as e:
-            status_api._start_server(FakeCollector)
-        assert e.value.key == "status_port" and "cannot listen" in str(e.value)
+        with pytest.raises(OSError):
+            status_api.StatusServer(State(), "127.0.0.1", taken.getsockname()[1])
     finally:
         taken.close()
 
@@ -248,7 +372,8 @@ def test_collector_api_no_secrets_and_clean_stop(tmp_path):
             bodies = [requests.get(url + p, headers=h, timeout=5)
                       for p, h in (("/status", {}), ("/metrics", {}), ("/healthz", {}), ("/nope", {}),
                                    ("/metrics", {"Accept": "text/plain"}),
-                                   ("/metrics", {"Accept": "application/openmetrics-text"}))]
+                                   ("/metrics", {"Accept": "application/openmetrics-text"}),
+                                   ("/metrics?format=json", {}))]
             bodies.append(requests.post(url + "/status", timeout=5))
             doc = bodies[0].json()
             assert doc["state"] == READY and doc["exchanges"]["okx"]["connected"] >= 1
@@ -258,6 +383,10 @@ def test_collector_api_no_secrets_and_clean_stop(tmp_path):
                     assert secret not in r.text
                     assert secret not in str(r.headers)
             parse_prometheus(bodies[4].text)
+            fams = _families(bodies[1].text, parse_prometheus)        # the default: Prometheus text
+            assert fams["collector_state"].samples and fams["process_resident_memory_bytes"].samples
+            parse_openmetrics(bodies[5].text)
+            assert bodies[6].json()["state"] == READY and "disk_free_bytes" in bodies[6].json()["gauges"]
             assert cp.stop() == 0
             stopped = cp.wait_for("status_stopped")[0]
             assert stopped["clean"] is True
