@@ -7,10 +7,13 @@ with pyarrow, one file at a time, only the columns a check needs, so a day of ev
 
 Checks (exit 2 = schema/readability violation, 1 = findings, 0 = clean):
 
+- layout: files are found under raw/v1/<dataset>/<exchange>/date=<day>/ and, still read, under
+  the first layout's `exchange=<x>/` directories; these are a finding that names the command
+  moving them (`--migrate-layout`, app/migrate.py).
 - schema: each file's Arrow schema equals app.schema.SCHEMAS[dataset] (names, types, order,
   nullability) and carries REQUIRED_METADATA matching its partition; its exchange column and
-  ts_recv statistics agree with the `exchange=` and `date=` partition; unreadable, truncated or
-  corrupt files are violations.
+  ts_recv statistics agree with the exchange directory and the `date=` partition; unreadable,
+  truncated or corrupt files are violations.
 - accounting: per run (`run_id`), holes in `recv_seq` over the `frames` of every exchange (the
   sequence is process-wide). A lost frame's exchange is unknown: a hole is attributed to the
   exchange of the frames on both sides when they agree, else to both (label "binance|okx").
@@ -23,7 +26,13 @@ Checks (exit 2 = schema/readability violation, 1 = findings, 0 = clean):
 - offline: spans where an exchange has no frame at all for longer than the threshold, from the
   frames' ts_recv (1-second buckets holding exact min/max, so file order and instances do not
   matter); by default the start of the first day and the end of the last complete day count
-  as edges (a collector down at midnight is offline); totals per exchange and day.
+  as edges (a collector down at midnight is offline); totals per exchange and day. A day not
+  over yet (today) is looked at from its first file on (the hours before the collector started
+  that day are not offline) up to now.
+
+Which day: --date/--from/--to, else the last complete UTC day that has data (the most recent
+date partition before today; today if only today has data); no data at all under the root is a
+finding ("no data under <root>"), a root that does not exist a violation.
 - content (flag, never fix): crossed/locked BBO, non-positive prices/sizes, invalid trade side,
   ts_recv going backwards within a connection, |ts_exchange - ts_recv| over the skew threshold
   (ts_event where the exchange sends no message time), and duplicate rows within a file
@@ -32,6 +41,7 @@ Checks (exit 2 = schema/readability violation, 1 = findings, 0 = clean):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -48,7 +58,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from app import schema
+from app import migrate, schema
 from app.exchanges import EXCHANGES, Instrument
 from app.exchanges import load as load_adapter
 from app.gaps import Gap, SequenceTracker, TimeGapTracker, time_gap_limit_s
@@ -79,6 +89,7 @@ class Options:
     s3_region: str = "us-east-1"
     now_ns: int | None = None                    # tests: "now" for the last-day edge
     workers: int = 8                             # footer reads in parallel (S3 latency)
+    config: str | None = None                    # --config, repeated in the --migrate-layout hint
 
 
 def parse_duration(text: str) -> float:
@@ -155,6 +166,11 @@ class FileRef:
     exchange: str
     date: str
     size: int
+    legacy: bool = False            # under the first layout's exchange=<x>/ directory
+
+    @property
+    def ex_dir(self) -> str:
+        return f"{migrate.LEGACY}{self.exchange}" if self.legacy else self.exchange
 
 
 @dataclass
@@ -170,35 +186,66 @@ class FileInfo:
     readable_data: bool = True      # False: schema/readability violation, data not read
 
 
-def list_files(fs, base: str, dates: list[str], exchanges: list[str] | None):
-    """Every Parquet file of the checked partitions; temporary (.tmp) and other files apart.
-    frames are listed for every exchange: recv_seq is process-wide, accounting needs them all."""
-    refs, temps, others = [], [], []
+def exchange_dirs(fs, base: str, exchanges: list[str] | None = None, frames_all: bool = False):
+    """(dataset, directory name, exchange, legacy) of every exchange directory under raw/v1/, in
+    both layouts (<x>/ and the first layout's exchange=<x>/). `exchanges` filters, except for
+    frames with `frames_all`."""
     for ds in schema.ALL_DATASETS:
         ds_dir = f"{base}/raw/v1/{ds}"
         try:
-            ex_dirs = fs.get_file_info(pafs.FileSelector(ds_dir, allow_not_found=True))
+            infos = fs.get_file_info(pafs.FileSelector(ds_dir, allow_not_found=True))
         except OSError:
-            ex_dirs = []
-        for info in ex_dirs:
-            name = info.base_name
-            if info.type != pafs.FileType.Directory or not name.startswith("exchange="):
+            infos = []
+        for info in sorted(infos, key=lambda i: i.base_name):
+            ex = migrate.exchange_dir(info.base_name)
+            if info.type != pafs.FileType.Directory or ex is None:
                 continue
-            ex = name[len("exchange="):]
-            if exchanges is not None and ex not in exchanges and ds != "frames":
+            if exchanges is not None and ex[0] not in exchanges and not (frames_all and ds == "frames"):
                 continue
-            for date in dates:
-                sel = pafs.FileSelector(f"{ds_dir}/{name}/date={date}", allow_not_found=True)
-                for f in fs.get_file_info(sel):
-                    if f.type != pafs.FileType.File:
-                        continue
-                    if f.base_name.endswith(".tmp"):
-                        temps.append(f.path)
-                    elif f.base_name.endswith(".parquet"):
-                        refs.append(FileRef(f.path, ds, ex, date, f.size or 0))
-                    else:
-                        others.append(f.path)
-    return refs, temps, others
+            yield ds, info.base_name, ex[0], ex[1]
+
+
+def list_dates(fs, base: str, exchanges: list[str] | None = None) -> list[str]:
+    """Every date partition (date=YYYY-MM-DD) under raw/v1/, both layouts, sorted."""
+    dates = set()
+    for ds, name, _ex, _legacy in exchange_dirs(fs, base, exchanges):
+        for f in fs.get_file_info(pafs.FileSelector(f"{base}/raw/v1/{ds}/{name}", allow_not_found=True)):
+            if f.type == pafs.FileType.Directory and f.base_name.startswith("date="):
+                try:
+                    dates.add(dt.date.fromisoformat(f.base_name[len("date="):]).isoformat())
+                except ValueError:
+                    continue
+    return sorted(dates)
+
+
+def legacy_dirs(fs, base: str) -> list[str]:
+    """The first layout's exchange directories still present: ['raw/v1/bbo/exchange=okx', ...]."""
+    return sorted(f"raw/v1/{ds}/{name}" for ds, name, _ex, legacy in exchange_dirs(fs, base) if legacy)
+
+
+def list_files(fs, base: str, dates: list[str], exchanges: list[str] | None):
+    """Every Parquet file of the checked partitions; temporary (.tmp) and other files apart.
+    frames are listed for every exchange: recv_seq is process-wide, accounting needs them all.
+    Files of the first layout (exchange=<x>/) are listed too (FileRef.legacy); a file present in
+    both layouts (a migration interrupted between copy and delete) is listed once, at its new
+    place. -> (refs, temporary paths, other paths, legacy paths also at the new place)"""
+    refs, temps, others = [], [], []
+    for ds, name, ex, legacy in exchange_dirs(fs, base, exchanges, frames_all=True):
+        for date in dates:
+            sel = pafs.FileSelector(f"{base}/raw/v1/{ds}/{name}/date={date}", allow_not_found=True)
+            for f in fs.get_file_info(sel):
+                if f.type != pafs.FileType.File:
+                    continue
+                if f.base_name.endswith(".tmp"):
+                    temps.append(f.path)
+                elif f.base_name.endswith(".parquet"):
+                    refs.append(FileRef(f.path, ds, ex, date, f.size or 0, legacy))
+                else:
+                    others.append(f.path)
+    current = {(r.dataset, r.exchange, r.date, os.path.basename(r.path)) for r in refs if not r.legacy}
+    both = [r.path for r in refs if r.legacy and (r.dataset, r.exchange, r.date, os.path.basename(r.path)) in current]
+    twice = set(both)
+    return [r for r in refs if r.path not in twice], temps, others, both
 
 
 # ---- schema and footer checks --------------------------------------------------------------------
@@ -266,7 +313,7 @@ def read_footer(fs, ref: FileRef) -> tuple[FileInfo | None, list[dict]]:
         ex_stats = _stats(md, names.index("exchange"))
         if ex_stats and (ex_stats[0] != ref.exchange or ex_stats[1] != ref.exchange):
             out.append(bad("partition", f"exchange column holds {ex_stats[0]!r}..{ex_stats[1]!r}, "
-                                        f"partition is exchange={ref.exchange}"))
+                                        f"directory is {ref.ex_dir}"))
         ts = _stats(md, names.index("ts_recv"))
         lo = day_start_ns(ref.date)
         if ts and (ts[0] < lo or ts[1] >= lo + schema.NS_PER_DAY):
@@ -360,7 +407,7 @@ class Checker:
     """One check over a root and a set of dates; `run()` returns the report (a JSON-able dict)."""
 
     def __init__(self, opts: Options):
-        self.o = opts
+        self.o = opts = dataclasses.replace(opts, dates=list(opts.dates))
         self.fs, self.base = open_root(opts.root, opts.s3_endpoint, opts.s3_region)
         self.now_ns = opts.now_ns if opts.now_ns is not None else time.time_ns()
         cap = opts.max_list
@@ -384,6 +431,11 @@ class Checker:
         self.infos: list[FileInfo] = []
         self.temp_files: list[str] = []
         self.other_files: list[str] = []
+        self.legacy: list[str] = []                 # exchange=<x> directories (first layout)
+        self.in_both: list[str] = []                # legacy files also at their new place
+        self.auto_date: dict | None = None          # no --date: which day, and why
+        self.data_dates: list[str] | None = None    # every date with data (when looked up)
+        self.window: dict | None = None             # the span the offline check looked at
 
     # -- helpers --
     def _ex(self, ex: str) -> dict:
@@ -479,9 +531,16 @@ class Checker:
         # a root that does not exist (local directory, S3 bucket) is a violation: cron must see it
         probe = self.base.split("/")[0] if o.root.startswith("s3://") else self.base
         if self.fs.get_file_info(probe).type == pafs.FileType.NotFound:
-            self._violation({"path": o.root, "kind": "unreadable", "detail": "root not found"})
+            self._violation({"path": o.root, "kind": "unreadable",
+                             "detail": f"root not found (no data under {o.root})"})
+            self.data_dates = []
             return self.report(t0, [])
-        refs, self.temp_files, self.other_files = list_files(self.fs, self.base, o.dates, o.exchanges)
+        self.legacy = legacy_dirs(self.fs, self.base)
+        if not o.dates:
+            self._choose_date()
+            if not o.dates:
+                return self.report(t0, [])
+        refs, self.temp_files, self.other_files, self.in_both = list_files(self.fs, self.base, o.dates, o.exchanges)
         self.refs = refs
         with ThreadPoolExecutor(max(1, o.workers)) as pool:
             footers = list(pool.map(lambda r: read_footer(self.fs, r), refs))
@@ -510,6 +569,43 @@ class Checker:
                 if ds != "frames":
                     self._data_files(ds, ex, files)
             return self.report(t0, frames_files)
+
+    def _today(self) -> str:
+        return dt.datetime.fromtimestamp(self.now_ns / NS, dt.timezone.utc).date().isoformat()
+
+    def _choose_date(self) -> None:
+        """No --date: the last complete UTC day with data (the latest date partition before
+        today), else today if only today has data; none: o.dates stays empty (no data)."""
+        today = self._today()
+        self.data_dates = dates = list_dates(self.fs, self.base, self.o.exchanges)
+        before = [d for d in dates if d < today]
+        if before:
+            choice = (before[-1], "the last complete UTC day with data")
+        elif today in dates:
+            choice = (today, "only today has data: checking today so far")
+        elif dates:
+            choice = (dates[-1], f"the only data is dated after today ({today} UTC): check the clocks")
+        else:
+            return
+        self.o.dates = [choice[0]]
+        self.auto_date = {"date": choice[0], "why": choice[1]}
+
+    def _no_data_finding(self) -> str:
+        o = self.o
+        where = f"no data under {o.root}" + (f" for {','.join(o.exchanges)}" if o.exchanges else "")
+        if self.data_dates is None:
+            self.data_dates = list_dates(self.fs, self.base, o.exchanges)
+        if not self.data_dates or not o.dates:
+            return where
+        d = self.data_dates
+        span = d[0] if len(d) == 1 else f"{d[0]}..{d[-1]}"
+        checked = o.dates[0] + (f"..{o.dates[-1]}" if len(o.dates) > 1 else "")
+        return f"no data files for {checked} (data under {o.root}: {span}, {len(d)} day(s))"
+
+    def _first_ts(self, date: str) -> int | None:
+        """ts_recv of the first row of a day over all its files (footer statistics)."""
+        ts = [i.min_ts for i in self.infos if i.ref.date == date and i.min_ts is not None]
+        return min(ts) if ts else None
 
     def _size_runs(self, frames_files: list[FileInfo]) -> None:
         """Allocate each run's recv_seq bitmap once from the footer statistics."""
@@ -705,13 +801,22 @@ class Checker:
         span_lo = day_start_ns(o.dates[0])
         span_hi = day_start_ns(o.dates[-1]) + schema.NS_PER_DAY
         complete = span_hi <= self.now_ns
+        start_from = "day_start"
+        if span_lo + schema.NS_PER_DAY > self.now_ns:
+            # a day not over yet (today): from its first file on, not from midnight (the hours
+            # before the collector started today are not an outage of the day being recorded)
+            first = self._first_ts(o.dates[0])
+            if first is not None:
+                span_lo, start_from = first, "first_file"
+        end = span_hi if complete else max(self.now_ns, span_lo)
+        self.window = {"start": iso(span_lo), "end": iso(end), "seconds": round((end - span_lo) / NS, 3),
+                       "from": start_from, "to": "day_end" if complete else "now"}
         thr = int(o.offline_threshold_s * NS)
         expected = set(o.exchanges) if o.exchanges is not None else set(self.per_ex)
         windows = []
         for ex in sorted(expected):
             b = self.buckets.get(ex, {})
             if not b:
-                end = span_hi if complete else self.now_ns
                 if end - span_lo > thr:              # an expected exchange without a single frame
                     windows.append((ex, span_lo, end, "no_frames"))
                 continue
@@ -816,7 +921,14 @@ class Checker:
             findings.append(f"{n_viol} schema/readability violation(s): " +
                             ", ".join(f"{k} {v}" for k, v in sorted(self.violation_counts.items())))
         if not self.refs:
-            findings.append("no data files found")
+            findings.append(self._no_data_finding())
+        if self.legacy:
+            findings.append(f"{len(self.legacy)} director(ies) in the old exchange=<x> layout (checked all the "
+                            f"same; pandas and pyarrow.parquet.read_table cannot read them): move them with "
+                            f"{migrate.command(o.root, o.config)}")
+        if self.in_both:
+            self.notes.append(f"{len(self.in_both)} file(s) in both layouts (a migration interrupted between "
+                              "copy and delete): checked once, at the new place; --migrate-layout removes the old copy")
         if lost_total:
             findings.append(f"{lost_total} frame(s) lost (recv_seq holes)")
         n_seq = sum(v.get("sequence_gaps", 0) for v in self.per_ds.values())
@@ -832,8 +944,13 @@ class Checker:
             findings.append(f"{n_content} content issue(s)")
         exit_code = 2 if n_viol else (1 if findings else 0)
         infos = self.infos
+        legacy_files = sum(1 for r in self.refs if r.legacy)
         return {
             "root": o.root, "dates": o.dates, "exchanges": o.exchanges or exchanges,
+            "date_choice": self.auto_date, "window": self.window,
+            "layout": {"legacy_dirs": self.legacy, "legacy_files_checked": legacy_files,
+                       "in_both_layouts": len(self.in_both),
+                       "migrate_command": migrate.command(o.root, o.config) if self.legacy else None},
             "thresholds": {"offline_s": o.offline_threshold_s, "gap_floor_s": o.gap_floor_s,
                            "gap_factor": o.gap_factor, "skew_s": o.skew_threshold_s,
                            "day_edges": o.day_edges},
@@ -890,6 +1007,12 @@ def render_text(r: dict, max_lines: int = 20) -> str:
     dates = r["dates"][0] + (f"..{r['dates'][-1]}" if len(r["dates"]) > 1 else "") if r["dates"] else "-"
     w(f"check_raw_sanity  root={r['root']}  dates={dates}"
       + f"  exchanges={','.join(r['exchanges']) or '-'}")
+    if r.get("date_choice"):
+        w(f"checked {r['date_choice']['date']}: {r['date_choice']['why']} (no --date given)")
+    win = r.get("window")
+    if win and win["from"] == "first_file":
+        w(f"window: {win['start']} (first file of the day) .. {win['end']} (now), {win['seconds']:.0f} s: "
+          "the day is not over; the time before its first file is not counted as offline")
     w(f"{_fmt_int(f['checked'])} files, {_fmt_int(f['rows'])} rows, {_fmt_bytes(f['bytes'])}"
       f" checked in {r['elapsed_s']:.1f} s"
       + (f"; {f['temporary']} temporary (.tmp) file(s) present" if f["temporary"] else ""))
@@ -950,6 +1073,16 @@ def render_text(r: dict, max_lines: int = 20) -> str:
                       + (f"; first {_where(c['first'])}" if c.get("first") else ""))
     section("duplicate rows (reported, not an error):", r["duplicates"],
             lambda d: f"{d['exchange']} {d['dataset']}: {_fmt_int(d['rows'])}")
+    lay = r.get("layout") or {}
+    if lay.get("legacy_dirs"):
+        w("")
+        w("old layout (exchange=<x>/ directories: pandas and pyarrow.parquet.read_table cannot read them;"
+          " checked all the same):")
+        for d in lay["legacy_dirs"][:max_lines]:
+            w(f"  {d}/")
+        if len(lay["legacy_dirs"]) > max_lines:
+            w(f"  ... and {len(lay['legacy_dirs']) - max_lines} more (see --json)")
+        w(f"  move them to <dataset>/<exchange>/ with: {lay['migrate_command']}")
     for n in r["notes"]:
         w(f"note: {n}")
     w("")
@@ -963,9 +1096,13 @@ def render_text(r: dict, max_lines: int = 20) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="check_raw_sanity",
-        description="Verify stored RAW data. Exit 0 clean, 1 findings, 2 schema/readability violations.")
+        description="Verify stored RAW data. Exit 0 clean, 1 findings (no data under the root is one), "
+                    "2 schema/readability violations or a root that does not exist. With --migrate-layout: move "
+                    "the first layout's files to the current one instead; exit 0 done or nothing to do, 2 "
+                    "conflicts or errors (nothing lost: a file not moved is still at its old place).")
     p.add_argument("--root", help="local directory or s3://bucket/prefix (default: the settings' storage)")
-    p.add_argument("--date", help="YYYY-MM-DD, 'today' or 'yesterday' (default: yesterday, UTC)")
+    p.add_argument("--date", help="YYYY-MM-DD, 'today' or 'yesterday' (default: the last complete UTC day "
+                                  "that has data; today if only today has data)")
     p.add_argument("--from", dest="start", help="first date of a range (YYYY-MM-DD)")
     p.add_argument("--to", dest="end", help="last date of a range (default: today)")
     p.add_argument("--exchange", "--exchanges", dest="exchange", help="comma separated (default: all found)")
@@ -978,6 +1115,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not count the time before the first / after the last frame of the days as offline")
     p.add_argument("--max-list", type=int, default=1000, help="items per list in the report (totals stay exact)")
     p.add_argument("--config", help="settings file (for the S3 endpoint/region and default root)")
+    p.add_argument("--migrate-layout", action="store_true",
+                   help="move every file of the first layout (raw/v1/<dataset>/exchange=<x>/...) to the current "
+                        "one (raw/v1/<dataset>/<x>/...), local or S3; safe to run again; checks nothing")
+    p.add_argument("--dry-run", action="store_true", help="with --migrate-layout: print what would move, move nothing")
     return p
 
 
@@ -1003,8 +1144,17 @@ def options_from_args(argv: list[str]) -> tuple[Options, argparse.Namespace]:
     unknown = sorted(set(exchanges or ()) - set(EXCHANGES))
     if unknown:
         raise ValueError(f"unknown exchange {', '.join(unknown)} (known: {', '.join(EXCHANGES)})")
+    if args.migrate_layout:
+        given = [f for f, v in (("--date", args.date), ("--from", args.start), ("--to", args.end),
+                                ("--exchange", args.exchange)) if v]
+        if given:
+            raise ValueError(f"--migrate-layout moves every date and exchange: {', '.join(given)} does not apply")
+    elif args.dry_run:
+        raise ValueError("--dry-run goes with --migrate-layout")
+    # no --date/--from/--to: dates stay empty, the checker picks the last complete day with data
+    dates = date_range(args.date, args.start, args.end, today) if (args.date or args.start or args.end) else []
     return Options(
-        root=root, dates=date_range(args.date, args.start, args.end, today), exchanges=exchanges,
+        root=root, dates=dates, exchanges=exchanges, config=args.config,
         offline_threshold_s=parse_duration(args.offline_threshold),
         gap_floor_s=parse_duration(args.gap_threshold) if args.gap_threshold else float(get("gap_time_floor", 60.0)),
         gap_factor=float(get("gap_time_factor", 10.0)),
@@ -1019,6 +1169,12 @@ def main(argv: list[str]) -> int:
     except Exception as e:  # noqa: BLE001 - a bad flag or settings file: say so, exit 2
         print(f"check_raw_sanity: {e}", file=sys.stderr)
         return 2
+    if args.migrate_layout:
+        try:
+            return migrate.run(opts.root, opts.s3_endpoint, opts.s3_region, dry_run=args.dry_run, as_json=args.json)
+        except Exception as e:  # noqa: BLE001 - storage unreachable etc.: files stay where they are
+            print(f"check_raw_sanity: cannot migrate {opts.root}: {migrate._why(e)}", file=sys.stderr)
+            return 2
     try:
         report = check(opts)
     except Exception as e:  # noqa: BLE001 - storage unreachable etc.: cron must see it

@@ -368,4 +368,8 @@ def parquet_options(dataset: str, exchange: str | None = None) -> dict:
 
 
 def partition_path(dataset: str, exchange: str, date: str) -> str:
-    return f"raw/v1/{dataset}/exchange={exchange}/date={date}"
+    """raw/v1/<dataset>/<exchange>/date=<date>: the exchange directory is a plain name, not a Hive
+    key `exchange=<x>`, since the files carry `exchange` as a column and pandas / pyarrow's
+    read_table refuse a key of the same name (CONTRACT.md section 2). check_raw_sanity
+    --migrate-layout moves the first layout (`exchange=<x>/`) to this one (app/migrate.py)."""
+    return f"raw/v1/{dataset}/{exchange}/date={date}"

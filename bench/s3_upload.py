@@ -34,7 +34,7 @@ def batch(storage, state, name: str, count: int, size: int) -> dict:
     paths = []
     block = os.urandom(size)
     for i in range(count):
-        rel = f"raw/v1/bbo/exchange=binance/date=2024-05-01/i-bench-{name}-{i:06d}.parquet"
+        rel = f"raw/v1/bbo/binance/date=2024-05-01/i-bench-{name}-{i:06d}.parquet"
         path = os.path.join(storage.data_dir, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as f:

@@ -516,7 +516,7 @@ class SigKill(Scenario):
 
     def run(self, soak, seg, seconds):
         rot = soak.knobs["rotate_interval"]
-        pattern = os.path.join(soak.data_dir, "raw", "v1", "*", "exchange=*", "date=*", ".*.parquet.tmp")
+        pattern = os.path.join(soak.data_dir, "raw", "v1", "*", "*", "date=*", ".*.parquet.tmp")
         tmp = []
         for _attempt in range(3):
             nxt = (int(time.time() // rot) + 1) * rot

@@ -18,11 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def summary(data_dir: str) -> str:
-    files = glob.glob(os.path.join(data_dir, "raw", "v1", "*", "exchange=*", "date=*", "*.parquet"))
+    files = glob.glob(os.path.join(data_dir, "raw", "v1", "*", "*", "date=*", "*.parquet"))
     per: dict[str, int] = {}
     for f in files:
         parts = f.split(os.sep)
-        key = f"{parts[-4]}/{parts[-3].split('=')[1]}"
+        key = f"{parts[-4]}/{parts[-3]}"                 # <dataset>/<exchange>
         per[key] = per.get(key, 0) + 1
     return f"{len(files)} Parquet files: " + ", ".join(f"{k}:{v}" for k, v in sorted(per.items()))
 

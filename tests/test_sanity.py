@@ -4,6 +4,7 @@ moto S3 server."""
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from app import sanity, schema, settings as settings_mod, writer as writer_mod
+from app import migrate, sanity, schema, settings as settings_mod, writer as writer_mod
 from app.exchanges import load
 from app.state import State
 from app.storage import LocalStorage
@@ -216,9 +217,12 @@ def test_day_edges_count_as_offline(clean_dir):
     assert b["start"] == f"{DAY}T00:00:00.000Z" and b["end"] == f"{DAY}T10:00:00.000Z"
     # recorded 10:00:00 .. 10:04:59.5: downtime is the rest of the day
     assert r["offline"]["downtime_s"]["binance"][DAY] == pytest.approx(86_400 - 299.5, abs=0.01)
-    # checking "today" (the day not over yet): no end edge
+    # checking "today" (the day not over yet): no end edge, and the day is looked at from its
+    # first file (10:00:00) on, not from midnight: the collector started then, nothing is offline
     r = check(d, day_edges=True, now_ns=T0 + 3600 * 10**9)
-    assert sorted(w["edge"] for w in r["offline"]["windows"]) == ["start"] * 3
+    assert r["offline"]["windows"] == [] and r["exit_code"] == 0, r["findings"]
+    assert r["window"] == {"start": f"{DAY}T10:00:00.000Z", "end": f"{DAY}T11:00:00.000Z", "seconds": 3600.0,
+                           "from": "first_file", "to": "now"}
 
 
 def test_expected_exchange_without_frames_is_offline(tmp_path):
@@ -375,7 +379,7 @@ def test_corrupt_and_wrong_schema_files_exit_2(tmp_path, clean_dir):
     d = tmp_path / "data"
     shutil.copytree(src, d)
     def files(ds, ex="binance"):
-        return sorted(glob.glob(str(d / f"raw/v1/{ds}/exchange={ex}/date=*/*.parquet")))
+        return sorted(glob.glob(str(d / f"raw/v1/{ds}/{ex}/date=*/*.parquet")))
 
     trades, bbo, mark, frames = files("trades"), files("bbo"), files("mark_price"), files("frames")
     frames_rows = pq.read_metadata(frames[2]).num_rows
@@ -417,13 +421,13 @@ def test_corrupt_and_wrong_schema_files_exit_2(tmp_path, clean_dir):
     assert sorted((g["symbol"], g["missed"]) for g in r["sequence_gaps"]) == [(s, 90) for s in SYMS["binance"]]
     assert r["datasets"] and r["summary"]["binance"]["files"] == 25      # every file is counted
     # a file under the wrong partition: its exchange column and metadata say binance
-    other = str(d / f"raw/v1/funding/exchange=okx/date={DAY}/moved.parquet")
+    other = str(d / f"raw/v1/funding/okx/date={DAY}/moved.parquet")
     shutil.copy(files("funding")[0], other)
     r = check(d, exchanges=["okx"])
     assert r["exit_code"] == 2
     assert sorted((x["kind"], x["detail"]) for x in r["violations"] if x["path"] == other) == [
         ("metadata", "exchange='binance', expected 'okx'"),
-        ("partition", "exchange column holds 'binance'..'binance', partition is exchange=okx")]
+        ("partition", "exchange column holds 'binance'..'binance', directory is okx")]
     # frames of every exchange are read for the run's accounting, so the torn binance one shows too
     assert [x["path"] for x in r["violations"] if x["path"] != other] == [frames[2]]
 
@@ -480,7 +484,12 @@ def test_recv_seq_holes_alone_are_reported_as_loss(tmp_path):
 
 # ---- the real collector against the simulator ------------------------------------------------------
 
-def test_collector_output_checks_clean_but_for_skipped_ids(tmp_path):
+def run_main(capsys, *argv) -> tuple[int, dict]:
+    code = sanity.main(list(argv))
+    return code, json.loads(capsys.readouterr().out)
+
+
+def test_collector_output_checks_clean_but_for_skipped_ids(tmp_path, capsys):
     """No false positives on what bin/collector really writes; the ids the exchange skipped are
     found exactly."""
     import datetime as dt
@@ -517,6 +526,23 @@ def test_collector_output_checks_clean_but_for_skipped_ids(tmp_path):
     assert r["summary"]["binance"]["frames"] == sum(sent["frames"].values()) + sent["control_frames"]
     assert r["summary"]["binance"]["rows"] == sum(sent["rows"].values())
     assert r["accounting"]["lost_frames"] == 0 and r["violations"] == [] and r["content"] == []
+    # a fresh install: `make sanity` (no --date, day edges on) the day the collector first ran.
+    # Only today has data, so today is checked, from its first file on: the hours before the
+    # collector started are not an offline window (unless the run straddled midnight UTC)
+    days = sorted({os.path.basename(os.path.dirname(p)) for p in glob.glob(f"{c.data_dir}/raw/v1/*/*/date=*/*")})
+    if days == [f"date={today.isoformat()}"]:
+        for argv in ([], ["--date", "today"]):
+            code, rep = run_main(capsys, "--root", c.data_dir, "--json", *argv)
+            assert code == 1 and rep["findings"] == ["1 sequence gap(s), 5 id(s) missed"], rep["findings"]
+            assert rep["dates"] == [today.isoformat()] and rep["offline"]["windows"] == []
+            assert rep["window"]["from"] == "first_file" and rep["window"]["to"] == "now"
+            assert rep["window"]["seconds"] < 600                   # this run's minute, not the day so far
+            assert rep["date_choice"] == (None if argv else {"date": today.isoformat(),
+                                                             "why": "only today has data: checking today so far"})
+        code = sanity.main(["--root", c.data_dir])
+        out = capsys.readouterr().out
+        assert code == 1 and f"checked {today.isoformat()}: only today has data: checking today so far" in out
+        assert "(first file of the day)" in out
 
 
 # ---- S3 -------------------------------------------------------------------------------------------
@@ -526,7 +552,7 @@ def test_same_checks_on_s3(tmp_path, faulty_dir):
     src, a, b = faulty_dir
     d = tmp_path / "data"
     shutil.copytree(src, d, ignore=shutil.ignore_patterns("spool"))
-    bad = sorted(glob.glob(str(d / "raw/v1/bbo/exchange=okx/date=*/*.parquet")))[0]
+    bad = sorted(glob.glob(str(d / "raw/v1/bbo/okx/date=*/*.parquet")))[0]
     with open(bad, "r+b") as f:
         f.truncate(100)
     local = check(d)
@@ -542,13 +568,13 @@ def test_same_checks_on_s3(tmp_path, faulty_dir):
         assert p.returncode == 2, p.stderr
         remote = json.loads(p.stdout)
         # without --root: the settings' storage (STORAGE_BACKEND=s3, S3_BUCKET, S3_PREFIX); that
-        # prefix has nothing for the day: "no data", a finding
+        # prefix holds nothing: "no data under <root>", a finding
         p2 = subprocess.run([sys.executable, os.path.join(ROOT, "bin", "check_raw_sanity"), "--date", DAY, "--json"],
                             capture_output=True, text=True, env=dict(env, S3_PREFIX="other"), cwd=str(tmp_path),
                             timeout=60)
         assert p2.returncode == 1, p2.stderr
         rep2 = json.loads(p2.stdout)
-        assert rep2["root"] == f"s3://{bucket}/other" and rep2["findings"] == ["no data files found"]
+        assert rep2["root"] == f"s3://{bucket}/other" and rep2["findings"] == [f"no data under s3://{bucket}/other"]
         p3 = subprocess.run([sys.executable, os.path.join(ROOT, "bin", "check_raw_sanity"),
                              "--root", "s3://no-such-bucket/x", "--date", DAY],
                             capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=60)
@@ -559,6 +585,342 @@ def test_same_checks_on_s3(tmp_path, faulty_dir):
     assert remote["offline"]["windows"] == local["offline"]["windows"]
     assert [v["detail"] for v in remote["violations"]] and len(remote["violations"]) == 1
     assert remote["violations"][0]["path"].endswith(os.path.basename(bad))
+
+
+# ---- which day, when no --date is given -------------------------------------------------------------
+
+DAY2 = "2024-03-06"
+TICKS_PER_DAY = 86_400 * 10**9 // TICK
+
+
+def test_no_date_checks_the_last_complete_day_with_data(tmp_path, capsys):
+    """No --date: the latest date partition before today, and the report says which day that was
+    (before: always yesterday, so `make sanity` exited 1 with "no data" the day after an install)."""
+    rec = Recorder(tmp_path, "20240305T100000Zdddd", exchanges=("binance", "okx"))
+    m = Market()
+    rec.record(m, 0, 240)                                            # DAY  10:00-10:02
+    rec.record(m, TICKS_PER_DAY, TICKS_PER_DAY + 240)                # DAY2 10:00-10:02
+    rec.close()
+    day2_noon = sanity.day_start_ns(DAY2) + 12 * 3600 * 10**9
+    r = check(tmp_path, dates=[], now_ns=day2_noon, day_edges=True)
+    assert r["dates"] == [DAY] and r["date_choice"] == {"date": DAY, "why": "the last complete UTC day with data"}
+    # a complete day: from midnight to midnight, its edges count as before
+    assert r["window"] == {"start": f"{DAY}T00:00:00.000Z", "end": f"{DAY2}T00:00:00.000Z", "seconds": 86_400.0,
+                           "from": "day_start", "to": "day_end"}
+    assert sorted((w["exchange"], w["edge"]) for w in r["offline"]["windows"]) == [
+        ("binance", "end"), ("binance", "start"), ("okx", "end"), ("okx", "start")]
+    r = check(tmp_path, dates=[], now_ns=day2_noon + 2 * 86_400 * 10**9)
+    assert r["dates"] == [DAY2] and r["exit_code"] == 0, r["findings"]
+    assert r["summary"]["okx"]["frames"] == 240 * 3 and r["accounting"]["lost_frames"] == 0
+    # the command line (real clock: 2024 is long over) says which day it checked
+    code = sanity.main(["--root", str(tmp_path), "--no-day-edges"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"dates={DAY2} " in out and f"checked {DAY2}: the last complete UTC day with data (no --date given)" in out
+    # an explicit date without data says where the data is
+    r = check(tmp_path, dates=["2024-01-01"])
+    assert r["exit_code"] == 1
+    assert r["findings"] == [f"no data files for 2024-01-01 (data under {tmp_path}: {DAY}..{DAY2}, 2 day(s))"]
+
+
+def test_only_today_has_data_checks_today_from_its_first_file(clean_dir):
+    """The day a collector is installed: only today has data, so today is checked, from its
+    first file (10:00) on; the ten hours before the collector started are no offline window."""
+    d, _ = clean_dir
+    now = T0 + 2 * 3600 * 10**9                                      # DAY 12:00 is "now"
+    r = check(d, dates=[], now_ns=now, day_edges=True)
+    assert r["dates"] == [DAY]
+    assert r["date_choice"] == {"date": DAY, "why": "only today has data: checking today so far"}
+    assert r["window"] == {"start": f"{DAY}T10:00:00.000Z", "end": f"{DAY}T12:00:00.000Z", "seconds": 7200.0,
+                           "from": "first_file", "to": "now"}
+    assert r["offline"]["windows"] == [] and r["offline"]["downtime_s"] == {}
+    assert r["exit_code"] == 0 and r["findings"] == []
+    text = sanity.render_text(r)
+    assert f"checked {DAY}: only today has data: checking today so far (no --date given)" in text
+    assert f"window: {DAY}T10:00:00.000Z (first file of the day) .. {DAY}T12:00:00.000Z (now)" in text
+
+
+def test_today_window_for_an_expected_exchange_without_frames(tmp_path):
+    """--date today with an exchange expected but silent: offline from the day's first file (the
+    collector's start) to now, not from midnight."""
+    record_clean(tmp_path, ticks=240, exchanges=("binance",))
+    now = T0 + 3600 * 10**9                                          # DAY 11:00
+    r = check(tmp_path, dates=[DAY], now_ns=now, day_edges=True, exchanges=["binance", "okx"])
+    (w,) = r["offline"]["windows"]
+    assert (w["exchange"], w["edge"], w["start"], w["end"]) == ("okx", "no_frames", f"{DAY}T10:00:00.000Z",
+                                                                f"{DAY}T11:00:00.000Z")
+    assert r["offline"]["downtime_s"] == {"okx": {DAY: 3600.0}}
+
+
+def test_no_data_under_the_root(tmp_path, capsys):
+    """An empty root: "no data under <root>", a finding (exit 1, as a day without data always
+    was); a root that does not exist: a violation (exit 2: a wrong path or an unmounted disk
+    must alert), which says the same."""
+    empty = tmp_path / "data"
+    empty.mkdir()
+    code, rep = run_main(capsys, "--root", str(empty), "--json")
+    assert code == 1 and rep["findings"] == [f"no data under {empty}"]
+    assert rep["dates"] == [] and rep["date_choice"] is None and rep["files"]["checked"] == 0
+    code = sanity.main(["--root", str(empty)])
+    out = capsys.readouterr().out
+    assert code == 1 and out.rstrip().endswith(f"result: FINDINGS (exit 1): no data under {empty}"), out
+    code = sanity.main(["--root", str(empty), "--date", "today", "--exchange", "okx"])
+    assert code == 1 and f"no data under {empty} for okx" in capsys.readouterr().out
+    code = sanity.main(["--root", str(tmp_path / "nowhere")])
+    out = capsys.readouterr().out
+    assert code == 2 and f"root not found (no data under {tmp_path / 'nowhere'})" in out
+
+
+# ---- the first layout (exchange=<x>/): found, still read, moved by --migrate-layout ------------------
+
+SCRIPT = os.path.join(ROOT, "bin", "check_raw_sanity")
+
+
+def digests(d) -> dict[str, str]:
+    """Relative path -> sha256 of every file under raw/."""
+    out = {}
+    for p in glob.glob(os.path.join(str(d), "raw", "**", "*"), recursive=True):
+        if os.path.isfile(p):
+            with open(p, "rb") as f:
+                out[os.path.relpath(p, str(d)).replace(os.sep, "/")] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def to_old_layout(d) -> list[str]:
+    """Rename raw/v1/<ds>/<x>/ to the first layout's raw/v1/<ds>/exchange=<x>/: the files the old
+    writer wrote (the file schema has not changed, only the directory)."""
+    moved = []
+    for ds_dir in sorted(glob.glob(os.path.join(str(d), "raw", "v1", "*"))):
+        for ex in sorted(os.listdir(ds_dir)):
+            os.rename(os.path.join(ds_dir, ex), os.path.join(ds_dir, f"exchange={ex}"))
+            moved.append(f"raw/v1/{os.path.basename(ds_dir)}/exchange={ex}")
+    return moved
+
+
+def old_rel(rel: str) -> str:
+    parts = rel.split("/")
+    return "/".join(parts[:3] + ["exchange=" + parts[3]] + parts[4:])
+
+
+def copy_clean(tmp_path, clean_dir):
+    src, _ = clean_dir
+    d = tmp_path / "data"
+    shutil.copytree(src, d, ignore=shutil.ignore_patterns("spool"))
+    return d
+
+
+def script(*args, cwd, env=None, timeout=180):
+    env = env or {k: v for k, v in os.environ.items() if not k.startswith(("S3_", "STORAGE_"))}
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env,
+                          cwd=str(cwd), timeout=timeout)
+
+
+def test_old_layout_found_read_and_migrated_locally(tmp_path, clean_dir):
+    d = copy_clean(tmp_path, clean_dir)
+    want = digests(d)
+    clean = check(d)
+    old_dirs = to_old_layout(d)
+    assert len(old_dirs) == 5 + 6 + 6                              # binance has no open_interest
+    # what users hit with the first layout
+    with pytest.raises(pa.ArrowTypeError, match="Field exchange has incompatible types"):
+        pq.read_table(str(d / "raw/v1/bbo"))
+    # check_raw_sanity finds it, still reads it, and names the one command that moves it
+    r = check(d)
+    cmd = f"bin/check_raw_sanity --migrate-layout --root {d}"
+    assert r["exit_code"] == 1
+    assert r["findings"] == [f"17 director(ies) in the old exchange=<x> layout (checked all the same; pandas "
+                             f"and pyarrow.parquet.read_table cannot read them): move them with {cmd}"]
+    assert r["layout"] == {"legacy_dirs": old_dirs, "legacy_files_checked": clean["files"]["checked"],
+                           "in_both_layouts": 0, "migrate_command": cmd}
+    for key in ("summary", "accounting", "sequence_gaps", "time_gaps", "offline", "content", "datasets"):
+        assert r[key] == clean[key], key
+    p = script("--root", str(d), "--date", DAY, "--no-day-edges", cwd=tmp_path)
+    assert p.returncode == 1, p.stderr
+    assert "old layout (exchange=<x>/ directories" in p.stdout and "  raw/v1/bbo/exchange=okx/\n" in p.stdout
+    assert f"  move them to <dataset>/<exchange>/ with: {cmd}\n" in p.stdout
+    # the command it printed moves every file, bytes untouched, old directories gone
+    p = script(*cmd.split()[1:], cwd=tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert digests(d) == want
+    assert not glob.glob(str(d / "raw/v1/*/exchange=*"))
+    n = len(want)
+    assert f"result: moved {n} file(s) ({sum(os.path.getsize(d / k) for k in want):,} bytes)" in p.stdout
+    assert "  raw/v1/bbo/exchange=okx/ -> raw/v1/bbo/okx/: moved 5 file(s)" in p.stdout
+    # again: nothing to do
+    p = script(*cmd.split()[1:], cwd=tmp_path)
+    assert p.returncode == 0 and "nothing to migrate" in p.stdout, p.stdout
+    assert digests(d) == want
+    # clean again, and readable by pyarrow's read_table
+    after = check(d)
+    assert after["exit_code"] == 0 and after["findings"] == [] and after["layout"]["legacy_dirs"] == []
+    assert after["summary"] == clean["summary"]
+    assert pq.read_table(str(d / "raw/v1/bbo")).num_rows == sum(
+        x["rows"] for x in clean["datasets"] if x["dataset"] == "bbo")
+
+
+class Crash(BaseException):
+    """The process dies here (not an error the migration could catch)."""
+
+
+def test_migrate_local_crash_conflict_dry_run_and_leftovers(tmp_path, clean_dir, monkeypatch, capsys):
+    d = copy_clean(tmp_path, clean_dir)
+    want = digests(d)
+    to_old_layout(d)
+    rels = sorted(want)
+    # a previous run stopped after putting one file in place (a manual copy, an interrupted S3 sync)
+    os.makedirs(os.path.dirname(d / rels[-1]), exist_ok=True)
+    shutil.copy2(d / old_rel(rels[-1]), d / rels[-1])
+    # a crash after 7 moves: every file is still in (at least) one place, with its bytes
+    real_replace, calls = os.replace, []
+
+    def dying_replace(a, b):
+        calls.append(a)
+        if len(calls) > 7:
+            raise Crash()
+        return real_replace(a, b)
+    monkeypatch.setattr(migrate.os, "replace", dying_replace)
+    with pytest.raises(Crash):
+        migrate.migrate_local(str(d))
+    monkeypatch.setattr(migrate.os, "replace", real_replace)
+    have = digests(d)
+    for rel, h in want.items():
+        assert have.get(rel) == h or have.get(old_rel(rel)) == h, rel
+    assert sum(1 for rel in want if rel in have) == 1 + 7
+    # in both layouts: checked once (at the new place), noted; the data checks as before
+    r = check(d)
+    # (bbo/exchange=binance, emptied by the crashed run, is still there: the next run removes it)
+    assert r["layout"]["in_both_layouts"] == 1 and len(r["layout"]["legacy_dirs"]) == 17
+    assert r["notes"] == ["1 file(s) in both layouts (a migration interrupted between copy and delete): "
+                          "checked once, at the new place; --migrate-layout removes the old copy"]
+    assert r["summary"] == check(copy_clean(tmp_path / "c", clean_dir))["summary"]
+    # a different file at a new place: a conflict; nothing moved, nothing deleted
+    victim = next(rel for rel in rels if rel not in have)
+    os.makedirs(os.path.dirname(d / victim), exist_ok=True)
+    (d / victim).write_bytes(b"not the same file")
+    before = digests(d)
+    assert migrate.run(str(d)) == 2
+    out = capsys.readouterr().out
+    assert f"CONFLICT {d / old_rel(victim)} -> {d / victim}" in out
+    assert "1 conflict(s): a different file is already at the new place; nothing was moved or deleted" in out
+    assert digests(d) == before
+    os.remove(d / victim)
+    # a dry run says what it would do and does nothing
+    before = digests(d)
+    assert migrate.run(str(d), dry_run=True) == 0
+    out = capsys.readouterr().out
+    assert "(dry run: nothing changed)" in out and f"result: would move {len(want) - 8} file(s)" in out
+    assert digests(d) == before
+    # run to the end: the rest moves, the copy already in place replaces its old twin
+    res = migrate.migrate_local(str(d))
+    assert res.exit_code == 0 and res.as_dict()["moved"] == len(want) - 8 and res.as_dict()["identical"] == 1
+    assert digests(d) == want and not glob.glob(str(d / "raw/v1/*/exchange=*"))
+    assert migrate.migrate_local(str(d)).as_dict()["moved"] == 0
+    assert check(d)["exit_code"] == 0
+
+
+def test_old_layout_on_s3_found_and_migrated(tmp_path, clean_dir):
+    """The same on S3 (moto's server): found and still read by the check, moved by copy + HEAD
+    (size, ETag or bytes) + delete, a second run is a no-op, a crash leaves every file somewhere,
+    a conflict deletes nothing."""
+    from tests.s3server import running_s3
+    d = copy_clean(tmp_path, clean_dir)
+    want = digests(d)
+    clean = check(d)
+    rels = sorted(want)
+    prefix = "pre/fix"
+    with running_s3() as s3:
+        bucket = s3.new_bucket()
+        client = s3.client()
+        root = f"s3://{bucket}/{prefix}"
+        for rel in rels:
+            client.upload_file(str(d / rel), bucket, f"{prefix}/{old_rel(rel)}")
+        # one object uploaded in parts (its ETag is no MD5: the copy is verified by its bytes)
+        mp_rel = rels[-2]                                  # (the last ones moved: after the crash)
+        mp = client.create_multipart_upload(Bucket=bucket, Key=f"{prefix}/{old_rel(mp_rel)}")
+        part = client.upload_part(Bucket=bucket, Key=f"{prefix}/{old_rel(mp_rel)}", UploadId=mp["UploadId"],
+                                  PartNumber=1, Body=(d / mp_rel).read_bytes())
+        client.complete_multipart_upload(Bucket=bucket, Key=f"{prefix}/{old_rel(mp_rel)}", UploadId=mp["UploadId"],
+                                         MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]})
+        assert client.head_object(Bucket=bucket, Key=f"{prefix}/{old_rel(mp_rel)}")["ETag"].endswith('-1"')
+        # an interrupted run copied one file and died before deleting the old key
+        client.upload_file(str(d / rels[-1]), bucket, f"{prefix}/{rels[-1]}")
+        env = dict(os.environ, **s3.env(bucket, prefix))
+
+        def objects() -> dict[str, str]:
+            return {k[len(prefix) + 1:]: hashlib.sha256(client.get_object(Bucket=bucket, Key=k)["Body"].read()).hexdigest()
+                    for k in s3.objects(bucket, prefix + "/")}
+
+        # the check finds the old layout, reads it (the file in both places once), prints the command
+        p = script("--root", root, "--date", DAY, "--no-day-edges", "--json", cwd=tmp_path, env=env)
+        assert p.returncode == 1, p.stderr
+        rep = json.loads(p.stdout)
+        assert rep["layout"]["migrate_command"] == f"bin/check_raw_sanity --migrate-layout --root {root}"
+        assert len(rep["layout"]["legacy_dirs"]) == 17 and rep["layout"]["in_both_layouts"] == 1
+        assert rep["summary"] == clean["summary"] and rep["accounting"]["lost_frames"] == 0
+        # a different object at a new place: a conflict, nothing copied or deleted
+        victim = rels[5]
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{victim}", Body=b"something else")
+        before = objects()
+        p = script("--migrate-layout", "--root", root, cwd=tmp_path, env=env)
+        assert p.returncode == 2 and f"CONFLICT s3://{bucket}/{prefix}/{old_rel(victim)}" in p.stdout, p.stdout
+        assert objects() == before
+        client.delete_object(Bucket=bucket, Key=f"{prefix}/{victim}")
+        # a crash mid-way (after 5 deletes nothing answers any more): every file is somewhere
+        deleted = []
+
+        class Dying:
+            """The client of a process that dies after its 5th delete: nothing answers after it."""
+
+            def __getattr__(self, name):
+                fn = getattr(client, name)
+
+                def call(*a, **kw):
+                    if len(deleted) >= 5:
+                        raise Crash()
+                    out = fn(*a, **kw)
+                    if name == "delete_object":
+                        deleted.append(kw["Key"])
+                    return out
+                return call
+        with pytest.raises(Crash):
+            migrate.migrate_s3(root, workers=2, client=Dying())
+        have = objects()
+        for rel, h in want.items():
+            assert have.get(rel) == h or have.get(old_rel(rel)) == h, rel
+        # the migration, run as printed: everything moves, verified before each delete
+        n_req = len(s3.requests)
+        p = script("--migrate-layout", "--root", root, cwd=tmp_path, env=env)
+        reqs = s3.requests[n_req:]
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert objects() == want
+        assert "result: moved" in p.stdout
+        # each file copied by this run: PUT (copy) of the new key, HEAD of it, then DELETE of the
+        # old key; one left in both places by the crash: only the DELETE of the old key
+        to_copy = [rel for rel in rels if rel not in have]
+        in_both = [rel for rel in rels if rel in have and old_rel(rel) in have]
+        assert mp_rel in to_copy and rels[-1] in in_both and len(to_copy) + len(in_both) >= len(rels) - 6
+        for rel in rels:
+            new, old = f"/{bucket}/{prefix}/{rel}", f"/{bucket}/{prefix}/{old_rel(rel)}"
+            seq = [(m, path == new) for m, path, _q in reqs if path in (new, old) and m != "GET"]
+            if rel in to_copy:
+                assert seq == [("PUT", True), ("HEAD", True), ("DELETE", False)], (rel, seq)
+            elif rel in in_both:
+                assert seq == [("DELETE", False)], (rel, seq)
+            else:
+                assert seq == [], (rel, seq)                 # moved before the crash
+        # the copy of the object uploaded in parts has another ETag: its bytes were compared
+        mp_new, mp_old = f"/{bucket}/{prefix}/{mp_rel}", f"/{bucket}/{prefix}/{old_rel(mp_rel)}"
+        assert [(m, path == mp_new) for m, path, _q in reqs if path in (mp_new, mp_old)] == [
+            ("PUT", True), ("HEAD", True), ("GET", False), ("GET", True), ("DELETE", False)]
+        # again: a no-op
+        p = script("--migrate-layout", "--root", root, cwd=tmp_path, env=env)
+        assert p.returncode == 0 and "nothing to migrate" in p.stdout, p.stdout
+        assert objects() == want
+        # and the check is clean
+        p = script("--root", root, "--date", DAY, "--no-day-edges", "--json", cwd=tmp_path, env=env)
+        rep = json.loads(p.stdout)
+        assert p.returncode == 0 and rep["findings"] == [] and rep["layout"]["legacy_dirs"] == [], rep["findings"]
+        assert rep["summary"] == clean["summary"]
 
 
 # ---- units ----------------------------------------------------------------------------------------

@@ -39,8 +39,8 @@ def test_flush_then_rotate_writes_parquet(tmp_path):
     assert glob.glob(str(tmp_path / "spool" / "*.arrows"))
     w.rotate()
     w.finalizer.stop()
-    bbo = glob.glob(str(tmp_path / "raw/v1/bbo/exchange=binance/date=*/i-*-RUN1-*.parquet"))
-    frames = glob.glob(str(tmp_path / "raw/v1/frames/exchange=binance/date=*/*.parquet"))
+    bbo = glob.glob(str(tmp_path / "raw/v1/bbo/binance/date=*/i-*-RUN1-*.parquet"))
+    frames = glob.glob(str(tmp_path / "raw/v1/frames/binance/date=*/*.parquet"))
     assert len(bbo) == 1 and len(frames) == 1
     t = pq.read_table(bbo[0])
     assert t.num_rows == 10 and t.column("update_id").to_pylist() == list(range(1, 11))
@@ -81,7 +81,7 @@ def test_split_by_date_at_midnight(tmp_path):
     w.rotate()
     w.finalizer.stop()
     dates = sorted(os.path.basename(os.path.dirname(p)) for p in
-                   glob.glob(str(tmp_path / "raw/v1/bbo/exchange=binance/*/*.parquet")))
+                   glob.glob(str(tmp_path / "raw/v1/bbo/binance/*/*.parquet")))
     assert dates == ["date=2023-11-14", "date=2023-11-15"]
 
 
