@@ -5,7 +5,8 @@ import argparse
 import ctypes
 import sys
 
-from app import logs, settings as settings_mod
+from app import __version__, logs, settings as settings_mod
+from app.errors import SettingsError
 from app.probe import KINDS as PROBE_KINDS, PROBE_SYMBOLS
 
 
@@ -45,6 +46,7 @@ def collector_main(argv: list[str]) -> int:
                         "(default BTCUSDT,ETHUSDT), write nothing, print what came back; exit 0 if "
                         "every kind parsed rows without errors")
     p.add_argument("--seconds", type=float, default=60.0, help="--probe: how long to listen")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = p.parse_args(argv)
     flags = {k: v for k, v in vars(args).items()
              if k not in ("config", "probe", "seconds") and v is not None}
@@ -54,17 +56,17 @@ def collector_main(argv: list[str]) -> int:
     logs.setup()
     try:
         settings = settings_mod.load(args.config, flags)
-    except settings_mod.SettingsError as e:
+    except SettingsError as e:
         print(f"collector: {e}", file=sys.stderr)
         logs.get().error("settings_invalid", extra={"setting": e.key, "error": str(e)})
         return 2
     if args.probe:
         from app import probe
         return probe.run(settings, args.seconds)
-    from app.collector import StartupError, run
+    from app.collector import run
     try:
         return run(settings)
-    except StartupError as e:
+    except SettingsError as e:
         print(f"collector: {e}", file=sys.stderr)
         logs.get().error("startup_failed", extra={"setting": e.key, "error": str(e)})
         return 2

@@ -1,37 +1,41 @@
-"""Orchestration: build the parts, start the threads, stop cleanly on SIGTERM/SIGINT.
+"""The composition root: builds every part in one readable order, starts the threads, stops them.
 
-Start: settings are already valid; recover spool from a killed run; discover instruments per
-exchange (REST, reference data only); map the requested symbols (an unlisted symbol is reported
-and skipped, never silently); plan connections; start writer, connections, watchdog, status.
-Stop: close the sockets, let the writer drain the queue and turn every spool into Parquet,
-let storage finish its uploads, log `collector_stop`, exit 0.
+Start, in this order, so that an operator can see the collector from its first second:
+ 1. data_dir must be writable (else a settings error at once: one line, exit 2);
+ 2. the status API binds and the state monitor runs (OFFLINE, "discovering");
+ 3. storage is checked: a credentials setup that cannot work stops the start; a store that does
+    not answer does not (the spool records, DEGRADED, uploads start when it answers);
+ 4. a killed run's spool is recovered; the writer, the connection manager (no connections yet)
+    and the gap detector start;
+ 5. discovery runs per exchange in parallel, each retrying with back-off until it succeeds;
+    each exchange's connections open as soon as its own instruments are known. A symbol an
+    exchange does not list is reported with close matches; if no symbol is listed anywhere the
+    collector stops with exit 2.
+Stop: close the sockets, let the writer drain the queue and turn every spool into Parquet, let
+storage finish its uploads, log `collector_stop`.
 """
 from __future__ import annotations
 
 import logging
 import os
+import random
 import secrets
 import signal
 import threading
 import time
 
-from app import __version__, discovery, logs, storage as storage_mod, writer as writer_mod
-from app.exchanges import load as load_adapter, resolve_symbols
+from app import __version__, discovery, gaps, logs, storage as storage_mod, writer as writer_mod
+from app.errors import SettingsError
+from app.exchanges import close_matches, load as load_adapter, resolve_symbols
 from app.feed import Manager
-from app.gaps import GAP_THREAD
 from app.handoff import FrameQueue
-from app.state import MONITOR_THREAD, State
-from app.status_api import STATUS_THREAD
+from app.state import Monitor, State
+from app.status_api import StatusServer
 
 log = logs.get()
 
-
-class StartupError(RuntimeError):
-    """A start-up check failed because of a setting (bad bucket, endpoint, credentials...)."""
-
-    def __init__(self, key: str, reason: str):
-        super().__init__(f"invalid setting {key}: {reason}")
-        self.key = key
+DISCOVERY_RETRY_MIN_S = 2.0
+DISCOVERY_RETRY_MAX_S = 300.0
 
 
 def new_run_id(now: float | None = None) -> str:
@@ -39,60 +43,93 @@ def new_run_id(now: float | None = None) -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + secrets.token_hex(2)
 
 
+def prepare_data_dir(path: str) -> None:
+    """data_dir and its spool must be writable: say so now, not after discovery."""
+    probe = os.path.join(path, "spool", f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(os.path.dirname(probe), exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except OSError as e:
+        raise SettingsError("data_dir", f"cannot write to {os.path.abspath(path)}: "
+                                        f"{e.strerror or e}") from None
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
 class Collector:
     def __init__(self, settings):
-        self.settings = settings
+        s = self.settings = settings
         self.run_id = new_run_id()
-        self.adapters = {name: load_adapter(name) for name in settings.exchanges}
-        self.queue = FrameQueue(maxsize=settings.queue_maxsize)
-        self.state = State(version=__version__, instance_id=settings.instance_id, run_id=self.run_id,
-                           exchanges=settings.exchanges, queue=self.queue)
-        self.storage = storage_mod.build(settings, self.state)
+        self.adapters = {name: load_adapter(name) for name in s.exchanges}
+        self.queue = FrameQueue(maxsize=s.queue_maxsize)
+        self.state = State(version=__version__, instance_id=s.instance_id, run_id=self.run_id,
+                           exchanges=s.exchanges, queue=self.queue)
+        self.state.data_dir = s.data_dir
+        self.storage = storage_mod.build(s, self.state)
+        self.monitor: Monitor | None = None
+        self.status_server: StatusServer | None = None
         self.writer: writer_mod.Writer | None = None
         self.manager: Manager | None = None
+        self.gap_detector: gaps.GapDetector | None = None
         self.instruments: dict[str, list] = {}
-        self.streams: dict[str, list] = {}
-        self.extra_threads: list = []      # status API, heartbeat, gap/alignment: (start, stop)
-        self.extra_threads += [MONITOR_THREAD, STATUS_THREAD]   # state machine + heartbeat; API
-        self.extra_threads.append(GAP_THREAD)     # gap detector + REST alignment (app/gaps.py)
+        self.exit_code = 0
         self._stop = threading.Event()
         self._stopped = False
-        self._undiscovered: list = []      # exchanges whose discovery failed at start
+        self._lock = threading.Lock()
 
     # ---- start ---------------------------------------------------------------------------------
     def start(self) -> None:
-        s = self.settings
+        s, st = self.settings, self.state
         log.info("collector_start", extra={"version": __version__, "run_id": self.run_id,
                                            "pid": os.getpid(), "settings": s.public()})
-        os.makedirs(s.data_dir, exist_ok=True)
+        prepare_data_dir(s.data_dir)
+        for name in self.adapters:
+            st.discovery[name] = {"status": "waiting"}
+        self.monitor = Monitor(st, s, writer_alive=lambda: self.writer is None or self.writer.is_alive())
+        try:
+            self.status_server = StatusServer(st, s.status_host, s.status_port).start()
+        except OSError as e:
+            raise SettingsError("status_port", f"cannot listen on {s.status_host}:{s.status_port}: "
+                                               f"{e.strerror or e}") from None
+        self.monitor.start()
         self.storage.check()
         self.storage.start()
-        recovered = writer_mod.recover(s.data_dir, self.storage, self.state, s.instance_id)
+        recovered = writer_mod.recover(s.data_dir, self.storage, st, s.instance_id)
         if recovered:
             log.info("spool_recovery_done", extra={"files": recovered})
-        plans = []
-        for name, adapter in self.adapters.items():
-            plans.extend(self._plan_exchange(name, adapter))
-        self.writer = writer_mod.Writer(s, self.queue, self.state, self.storage, self.adapters,
+        self.writer = writer_mod.Writer(s, self.queue, st, self.storage, self.adapters,
                                         on_control=self._on_control, run_id=self.run_id,
                                         version=__version__)
-        self.manager = Manager(s, self.adapters, self.queue, self.state, self.writer.last_seen)
+        self.manager = Manager(s, self.adapters, self.queue, st, self.writer.last_seen)
+        self.gap_detector = gaps.build(s, st, self.adapters)
+        self.writer.observers.append(self.gap_detector.observe)
+        self.manager.listeners.append(self.gap_detector.on_connection)
         self.writer.start()
-        self.manager.start(plans)
-        for start, _stop in self.extra_threads:
-            start(self)
-        for name, adapter in self._undiscovered:
-            threading.Thread(target=self._retry_discovery, args=(name, adapter),
-                             name=f"discovery-retry-{name}", daemon=True).start()
-        if [x.upper() for x in s.symbols] == ["ALL"]:
-            threading.Thread(target=self._rediscover_loop, name="discovery", daemon=True).start()
+        self.manager.start([])
+        self.gap_detector.start()
+        for name, adapter in self.adapters.items():
+            self._note_unsupported(name, adapter)
+            threading.Thread(target=self._discover_until_done, args=(name, adapter),
+                             name=f"discovery-{name}", daemon=True).start()
 
     def _on_control(self, exchange, conn_id, ctrl):
         self.manager.on_control(exchange, conn_id, ctrl)
 
+    def _note_unsupported(self, name: str, adapter) -> None:
+        for ds in self.settings.datasets:
+            why = getattr(adapter, "UNSUPPORTED_DATASETS", {}).get(ds)
+            if why:
+                self.state.unsupported[name][ds] = why
+                log.info("dataset_unsupported", extra={"exchange": name, "dataset": ds, "reason": why})
+
+    # ---- discovery: per exchange, in parallel, until it works -------------------------------------
     def _discover(self, name: str, adapter):
         s = self.settings
-        result = discovery.discover(adapter, s.rest_url(name))
+        result = discovery.discover(adapter, s.rest_url(name), attempts=1)
         fetched = time.time_ns()
         try:
             writer_mod.write_reference(s.data_dir, self.storage, name, result.instruments, fetched,
@@ -103,59 +140,77 @@ class Collector:
                                      "skipped": result.skipped})
         return result
 
-    def _streams_for(self, adapter, instruments) -> list:
-        out = []
-        for inst in instruments:
-            out.extend(adapter.streams_for(inst, self.settings.datasets))
-        return out
+    def _discover_until_done(self, name: str, adapter) -> None:
+        delay, attempt = DISCOVERY_RETRY_MIN_S, 0
+        while not self._stop.is_set():
+            attempt += 1
+            self.state.discovery[name] = {"status": "discovering", "attempt": attempt,
+                                          "started_at": _iso(time.time())}
+            try:
+                found = self._discover(name, adapter)
+            except discovery.DiscoveryError as e:
+                wait = delay * random.uniform(0.8, 1.0)
+                self.state.count("discovery_failures", name)
+                self.state.discovery[name] = {"status": "retrying", "attempt": attempt,
+                                              "last_error": str(e)[:300],
+                                              "next_retry_at": _iso(time.time() + wait),
+                                              "next_retry_in_s": round(wait, 1)}
+                log.error("discovery_failed", extra={"exchange": name, "error": str(e)[:300],
+                                                     "attempt": attempt, "retry_in_s": round(wait, 1)})
+                self._stop.wait(wait)
+                delay = min(DISCOVERY_RETRY_MAX_S, delay * 2)
+                continue
+            self._plan(name, adapter, found.instruments)
+            if [x.upper() for x in self.settings.symbols] == ["ALL"]:
+                self._rediscover_loop(name, adapter)
+            return
 
-    def _plan_exchange(self, name: str, adapter) -> list:
+    def _plan(self, name: str, adapter, listed: list) -> None:
         s = self.settings
-        for ds in s.datasets:
-            why = getattr(adapter, "UNSUPPORTED_DATASETS", {}).get(ds)
-            if why:
-                self.state.unsupported[name][ds] = why
-                log.info("dataset_unsupported", extra={"exchange": name, "dataset": ds, "reason": why})
-        try:
-            found = self._discover(name, adapter)
-        except discovery.DiscoveryError as e:
-            log.error("discovery_failed", extra={"exchange": name, "error": str(e), "retry": True})
-            self.state.count("discovery_failures", name)
-            self._undiscovered.append((name, adapter))
-            return []
-        instruments, missing = resolve_symbols(s.symbols, found.instruments)
-        if missing:
-            log.warning("symbols_not_listed", extra={"exchange": name, "symbols": missing})
+        instruments, missing = resolve_symbols(s.symbols, listed)
+        unknown = {sym: close_matches(sym, listed) for sym in missing}
+        if unknown:
+            log.warning("symbols_not_listed", extra={"exchange": name, "symbols": missing,
+                                                     "close_matches": unknown})
         self.instruments[name] = instruments
-        streams = self._streams_for(adapter, instruments)
-        self.streams[name] = streams
+        streams = [st for inst in instruments for st in adapter.streams_for(inst, s.datasets)]
         plans = adapter.plan_connections(streams, s.max_streams_per_connection)
         log.info("plan", extra={"exchange": name, "symbols": len(instruments), "streams": len(streams),
                                 "connections": len(plans)})
-        return plans
+        self.gap_detector.add_streams(name, streams)
+        for plan in plans:
+            self.manager.add_plan(plan)
+        self.state.discovery[name] = {"status": "done", "instruments": len(listed),
+                                      "symbols": len(instruments), "streams": len(streams),
+                                      "unknown_symbols": unknown, "at": _iso(time.time())}
+        self._check_any_symbol_known()
 
-    def _retry_discovery(self, name: str, adapter) -> None:
-        """An exchange whose REST was down at start joins as soon as discovery works."""
-        delay = 30.0
-        while not self._stop.wait(delay):
-            before = len(self._undiscovered)
-            plans = self._plan_exchange(name, adapter)
-            if len(self._undiscovered) == before:     # succeeded
-                for plan in plans:
-                    self.manager.add_plan(plan)
+    def _check_any_symbol_known(self) -> None:
+        """Exit 2 when every exchange has answered and none lists any requested symbol."""
+        with self._lock:
+            done = [d for d in self.state.discovery.values() if d.get("status") == "done"]
+            if len(done) < len(self.adapters) or any(d["symbols"] for d in done):
                 return
-            delay = min(600.0, delay * 2)
+        unknown = {ex: d["unknown_symbols"] for ex, d in self.state.discovery.items()}
+        hints = sorted({m for per in unknown.values() for ms in per.values() for m in ms})
+        reason = (f"none of {','.join(self.settings.symbols)} is listed on {', '.join(self.adapters)}"
+                  + (f" (close matches: {', '.join(hints)})" if hints else ""))
+        log.error("startup_failed", extra={"setting": "symbols", "error": f"invalid setting symbols: {reason}",
+                                           "unknown_symbols": unknown})
+        import sys
+        print(f"collector: invalid setting symbols: {reason}", file=sys.stderr)
+        self.exit_code = 2
+        self._stop.set()
 
-    def _rediscover_loop(self) -> None:
+    def _rediscover_loop(self, name: str, adapter) -> None:
         """With ALL: subscribe new listings, stop delisted ones, log both."""
         while not self._stop.wait(self.settings.discovery_interval):
-            for name, adapter in self.adapters.items():
-                try:
-                    found = self._discover(name, adapter)
-                except discovery.DiscoveryError as e:
-                    log.warning("discovery_failed", extra={"exchange": name, "error": str(e)})
-                    continue
-                self._apply_listing(name, adapter, found.instruments)
+            try:
+                found = self._discover(name, adapter)
+            except discovery.DiscoveryError as e:
+                log.warning("discovery_failed", extra={"exchange": name, "error": str(e)[:300]})
+                continue
+            self._apply_listing(name, adapter, found.instruments)
 
     def _apply_listing(self, name, adapter, instruments) -> None:
         old = {i.symbol for i in self.instruments.get(name, [])}
@@ -164,7 +219,8 @@ class Collector:
         removed = old - new
         if added:
             log.info("listing_added", extra={"exchange": name, "symbols": [i.symbol for i in added]})
-            streams = self._streams_for(adapter, added)
+            streams = [st for inst in added for st in adapter.streams_for(inst, self.settings.datasets)]
+            self.gap_detector.add_streams(name, streams)
             for plan in adapter.plan_connections(streams, self.settings.max_streams_per_connection):
                 self.manager.add_plan(plan)
         if removed:
@@ -187,15 +243,16 @@ class Collector:
         self._stop.set()
         self.state.stopping = True         # draining: the monitor keeps the state it had
         t0 = time.monotonic()
-        if self.manager:
-            self.manager.stop()
-        if self.writer:
-            self.writer.stop()
-        for _start, stop in reversed(self.extra_threads):
-            try:
-                stop(self)
-            except Exception as e:  # noqa: BLE001
-                log.error("stop_error", extra={"error": repr(e)})
+        for step in (self.manager, self.writer, self.gap_detector):
+            if step is not None:
+                try:
+                    step.stop()
+                except Exception as e:  # noqa: BLE001 - the rest must still be stopped
+                    log.error("stop_error", extra={"part": type(step).__name__, "error": repr(e)})
+        if self.status_server is not None:
+            self.status_server.stop()
+        if self.monitor is not None:
+            self.monitor.stop()
         self.storage.stop(timeout=self.settings.upload_stop_timeout)
         counters = self.state.counters()
         log.info("collector_stop", extra={"run_id": self.run_id, "drain_s": round(time.monotonic() - t0, 3),
@@ -212,4 +269,4 @@ def run(settings) -> int:
     finally:
         collector.stop()
         logging.shutdown()
-    return 0
+    return collector.exit_code

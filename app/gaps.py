@@ -264,6 +264,10 @@ class GapDetector:
         """AlignmentWorker results."""
         self.q.put((kind, outage_id, symbol, result))
 
+    def add_streams(self, exchange: str, streams: list) -> None:
+        """Streams planned after start (discovery runs beside the detector, listings change)."""
+        self.q.put(("streams", exchange, list(streams)))
+
     # ---- stream metadata ---------------------------------------------------------------------------
     def register(self, exchange: str, st: Stream) -> None:
         self.keys[(exchange, st.channel, st.symbol)] = st.key
@@ -559,6 +563,9 @@ class GapDetector:
             self._on_open(*item[1:])
         elif kind == "aligned":
             self._on_aligned(*item[1:])
+        elif kind == "streams":
+            for st in item[2]:
+                self.register(item[1], st)
 
     def _close_group(self) -> None:
         group, self._group = self._group, None
@@ -603,26 +610,12 @@ class GapDetector:
             self._thread.join(timeout)
 
 
-def _start(collector) -> None:
-    """Collector.extra_threads: the detector, and one alignment worker per exchange whose adapter
-    knows how to ask for the latest trade."""
+def build(settings, state, adapters: dict) -> GapDetector:
+    """The detector, and one alignment worker per exchange whose adapter knows how to ask for
+    the latest trade."""
     from app.alignment import AlignmentWorker
-    s = collector.settings
-    det = GapDetector(s, collector.state, collector.adapters, collector.streams)
-    for ex, adapter in collector.adapters.items():
+    det = GapDetector(settings, state, adapters)
+    for ex, adapter in adapters.items():
         if hasattr(adapter, "alignment_request") and hasattr(adapter, "parse_recent_trades"):
-            det.workers[ex] = AlignmentWorker(ex, adapter, s.rest_url(ex), s, collector.state, det.post)
-    collector.gap_detector = det
-    collector.writer.observers.append(det.observe)
-    collector.manager.listeners.append(det.on_connection)
-    det.start()
-
-
-def _stop(collector) -> None:
-    det = getattr(collector, "gap_detector", None)
-    if det is not None:
-        det.stop()
-
-
-# Collector.extra_threads entry: (start(collector), stop(collector)).
-GAP_THREAD = (_start, _stop)
+            det.workers[ex] = AlignmentWorker(ex, adapter, settings.rest_url(ex), settings, state, det.post)
+    return det

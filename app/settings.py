@@ -13,18 +13,20 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from app.errors import SettingsError
 from app.exchanges import EXCHANGES
 from app.schema import DATASETS
 
-
-class SettingsError(ValueError):
-    def __init__(self, key: str, reason: str):
-        super().__init__(f"invalid setting {key}: {reason}")
-        self.key = key
+__all__ = ["KEYS", "Key", "Settings", "SettingsError", "load"]
 
 
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _names(value: str) -> list[str]:
+    """A list of exchange or dataset names: case does not matter (`OKX` is `okx`)."""
+    return [v.lower() for v in _csv(value)]
 
 
 def _bool(value: str) -> bool:
@@ -95,20 +97,30 @@ class Key:
 KEYS = [
     Key("symbols", "collector", _csv, ["BTCUSDT", "ETHUSDT"], _nonempty,
         help="symbols to record; ALL = every USDT/USDC linear perpetual"),
-    Key("exchanges", "collector", _csv, list(EXCHANGES), _subset(EXCHANGES)),
-    Key("datasets", "collector", _csv, list(DATASETS), _subset(DATASETS)),
-    Key("instance_id", "collector", str, None),
-    Key("discovery_interval", "collector", float, 3600.0, _positive),
-    Key("storage_backend", "storage", str, "local", _one_of("local", "s3")),
-    Key("data_dir", "storage", str, "./data"),
-    Key("s3_endpoint", "storage", str, ""),
-    Key("s3_bucket", "storage", str, ""),
-    Key("s3_prefix", "storage", str, ""),
-    Key("s3_region", "storage", str, "us-east-1"),
-    Key("flush_interval", "storage", float, 2.0, _positive),
-    Key("rotate_interval", "storage", float, 60.0, _positive),
-    Key("spool_max_bytes", "storage", int, 50 * 1024**3, _positive),
-    Key("upload_concurrency", "storage", int, 4, _positive),
+    Key("exchanges", "collector", _names, list(EXCHANGES), _subset(EXCHANGES),
+        help="binance, bybit, okx (any case)"),
+    Key("datasets", "collector", _names, list(DATASETS), _subset(DATASETS),
+        help="bbo, trades, mark_price, funding, open_interest (frames are always written)"),
+    Key("instance_id", "collector", str, None,
+        help="names this instance's files (default: the host name); letters, digits, _ . -"),
+    Key("discovery_interval", "collector", float, 3600.0, _positive,
+        help="seconds between instrument listings with symbols = ALL (new listings join, delisted leave)"),
+    Key("storage_backend", "storage", str, "local", _one_of("local", "s3"),
+        help="local: files stay under data_dir; s3: uploaded, data_dir is the spool"),
+    Key("data_dir", "storage", str, "./data",
+        help="root of the local layout, or the spool for s3; must be writable"),
+    Key("s3_endpoint", "storage", str, "",
+        help="http(s) URL of an S3-compatible store (MinIO, Ceph...); empty = AWS"),
+    Key("s3_bucket", "storage", str, "", help="required with storage_backend = s3"),
+    Key("s3_prefix", "storage", str, "", help="key prefix inside the bucket (raw/ and reference/ go under it)"),
+    Key("s3_region", "storage", str, "us-east-1", help="the bucket's region"),
+    Key("flush_interval", "storage", float, 2.0, _positive,
+        help="seconds: at most this much received data is only in memory (spool fsync)"),
+    Key("rotate_interval", "storage", float, 60.0, _positive,
+        help="seconds one Parquet file covers"),
+    Key("spool_max_bytes", "storage", int, 50 * 1024**3, _positive,
+        help="s3: disk budget of the spool during a store outage; beyond it new data is dropped and counted"),
+    Key("upload_concurrency", "storage", int, 4, _positive, help="s3: parallel uploads"),
     Key("s3_addressing_style", "storage", str, "auto", _one_of("auto", "path", "virtual"),
         help="auto = path-style when s3_endpoint is set (MinIO, Ceph), the SDK's choice on AWS"),
     Key("s3_verify", "storage", str, "etag", _one_of("etag", "size"),
@@ -119,10 +131,12 @@ KEYS = [
         help="bytes per multipart part (S3 minimum 5 MiB)"),
     Key("upload_retry_min", "storage", float, 1.0, _positive,
         help="seconds: first back-off after a failed upload (doubles up to upload_retry_max)"),
-    Key("upload_retry_max", "storage", float, 30.0, _positive),
+    Key("upload_retry_max", "storage", float, 30.0, _positive,
+        help="seconds: the longest back-off between upload attempts"),
     Key("upload_stop_timeout", "storage", float, 120.0, _positive,
         help="seconds at shutdown to finish pending uploads; what is left stays for the next start"),
-    Key("queue_maxsize", "queue", int, 1_000_000, _positive),
+    Key("queue_maxsize", "queue", int, 1_000_000, _positive,
+        help="frames the ingestion queue holds (~10 s of peak load); a full queue drops and counts"),
     Key("writer_batch", "queue", int, 100_000, _positive,
         help="most frames the writer parses as one chunk (it parses every 0.5 s, or once this "
              "many wait; a writer behind takes bigger chunks, which cost fewer GIL hand-backs "
@@ -132,10 +146,12 @@ KEYS = [
     Key("writer_throttle_file", "queue", str, "",
         help="testing only: a file holding seconds of sleep per writer batch, re-read while the "
              "writer runs (bench/soak.py slows the writer and lets it recover without a restart)"),
-    Key("status_host", "status", str, "127.0.0.1"),
-    Key("status_port", "status", int, 8000, _port),
-    Key("heartbeat_interval", "status", float, 30.0, _positive),
-    Key("degraded_queue_ratio", "status", float, 0.8, _positive),
+    Key("status_host", "status", str, "127.0.0.1",
+        help="address of the status API (0.0.0.0 to let Prometheus or a probe in from outside)"),
+    Key("status_port", "status", int, 8000, _port, help="port of the status API; 0 = any free port"),
+    Key("heartbeat_interval", "status", float, 30.0, _positive, help="seconds between heartbeat log lines"),
+    Key("degraded_queue_ratio", "status", float, 0.8, _positive,
+        help="DEGRADED when the queue is fuller than this share"),
     Key("degraded_gap_rate", "status", float, 10.0, _positive,
         help="gaps per minute (over the last window) above which the state is DEGRADED"),
     Key("degraded_window", "status", float, 60.0, _positive,
@@ -144,9 +160,11 @@ KEYS = [
         help="DEGRADED when the S3 spool (backlog + open spool files) reaches this share of spool_max_bytes"),
     Key("degraded_upload_age", "status", float, 600.0, _positive,
         help="seconds: DEGRADED when the oldest file waiting for upload is older than this"),
-    Key("reconnect_min", "feed", float, 0.5, _positive),
-    Key("reconnect_max", "feed", float, 30.0, _positive),
-    Key("reconnect_stable_after", "feed", float, 60.0, _positive),
+    Key("reconnect_min", "feed", float, 0.5, _positive,
+        help="seconds: first reconnect back-off (doubles, jittered, up to reconnect_max)"),
+    Key("reconnect_max", "feed", float, 30.0, _positive, help="seconds: the longest reconnect back-off"),
+    Key("reconnect_stable_after", "feed", float, 60.0, _positive,
+        help="seconds a connection must last for the back-off to start again from reconnect_min"),
     Key("stale_timeout", "feed", float, 60.0, _positive,
         help="a connection with no frame (data, pong, ping) for this long is dead"),
     Key("silence_factor", "feed", float, 10.0, _positive,
@@ -159,13 +177,16 @@ KEYS = [
         help="seconds to wait for a subscription's acknowledgement (or data) before sending it again"),
     Key("subscribe_retries", "feed", int, 2, _min(0),
         help="times an unacknowledged subscription is sent again before it is reported as rejected"),
-    Key("max_streams_per_connection", "feed", int, 200, _positive),
+    Key("max_streams_per_connection", "feed", int, 200, _positive,
+        help="streams per WebSocket connection (the exchanges' own limits apply below it)"),
     Key("connection_max_age", "feed", float, 0.0,
         help="seconds before a connection is rotated; 0 = the exchange's own rule"),
     Key("keepalive_interval", "feed", float, 0.0,
         help="seconds between client keepalive pings; 0 = the exchange's own rule"),
-    Key("gap_time_factor", "gaps", float, 10.0, _positive),
-    Key("gap_time_floor", "gaps", float, 60.0, _positive),
+    Key("gap_time_factor", "gaps", float, 10.0, _positive,
+        help="a periodic stream's rows further apart than this many periods are a time gap"),
+    Key("gap_time_floor", "gaps", float, 60.0, _positive,
+        help="seconds: the shortest time gap reported"),
     Key("rest_budget_per_min", "gaps", float, 600.0, _positive,
         help="REST alignment budget per exchange, in the exchange's units (Binance weight, else requests)"),
     Key("alignment_max_wait", "gaps", float, 10.0, _positive,
@@ -178,10 +199,18 @@ KEYS = [
 for _ex, _ws, _rest in (("binance", "wss://fstream.binance.com", "https://fapi.binance.com"),
                         ("bybit", "wss://stream.bybit.com", "https://api.bybit.com"),
                         ("okx", "wss://ws.okx.com", "https://www.okx.com")):
-    KEYS.append(Key(f"{_ex}_ws_url", _ex, str, _ws, _url("ws", "wss")))
-    KEYS.append(Key(f"{_ex}_rest_url", _ex, str, _rest, _url("http", "https")))
+    KEYS.append(Key(f"{_ex}_ws_url", _ex, str, _ws, _url("ws", "wss"),
+                    help=f"{_ex} WebSocket base URL (paths are added by the exchange module)"))
+    KEYS.append(Key(f"{_ex}_rest_url", _ex, str, _rest, _url("http", "https"),
+                    help=f"{_ex} REST base URL (discovery and post-reconnect alignment)"))
 KEYS_BY_NAME = {k.name: k for k in KEYS}
-_AWS_SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+ENV_PREFIX = "QL_"          # QL_DATA_DIR works like DATA_DIR; an unknown QL_ name is an error
+
+
+def _did_you_mean(name: str) -> str:
+    import difflib
+    found = difflib.get_close_matches(name.lower(), list(KEYS_BY_NAME), n=1, cutoff=0.6)
+    return f" (did you mean {found[0]}?)" if found else ""
 
 
 class Settings:
@@ -214,6 +243,12 @@ class Settings:
 
     def rest_url(self, exchange: str) -> str:
         return self._values[f"{exchange}_rest_url"]
+
+
+def _setting_of(env_name: str) -> str | None:
+    """The setting an environment name sets (DATA_DIR or QL_DATA_DIR -> data_dir), or None."""
+    name = env_name.removeprefix(ENV_PREFIX).lower()
+    return name if name in KEYS_BY_NAME and env_name.isupper() else None
 
 
 def _read_dotenv(path: str) -> dict[str, str]:
@@ -249,24 +284,34 @@ def load(config_file: str | None = None, flags: dict[str, Any] | None = None,
             parser.read(path)
         except configparser.Error as e:
             raise SettingsError("config", f"{path}: {e}") from None
-        known = {k.name for k in KEYS}
         for section in parser.sections():
             for name, value in parser.items(section):
-                if name not in known:
-                    raise SettingsError(name, f"unknown key in [{section}] of {path}")
+                if name not in KEYS_BY_NAME:
+                    raise SettingsError(name, f"unknown key in [{section}] of {path}{_did_you_mean(name)}")
                 if KEYS_BY_NAME[name].section != section:
                     raise SettingsError(name, f"belongs in [{KEYS_BY_NAME[name].section}], found in [{section}]")
                 raw[name] = value
                 sources[name] = path
     dotenv = _read_dotenv(dotenv_path)
+    for name in dotenv:           # a file of ours: every line must mean something
+        if name not in _AWS_ENV and _setting_of(name) is None:
+            bare = name.removeprefix(ENV_PREFIX)
+            hint = (f" (environment names are upper case: {name.upper()})" if bare.lower() in KEYS_BY_NAME
+                    else _did_you_mean(bare))
+            raise SettingsError(name, f"unknown key in {dotenv_path}{hint}")
     if environ is None:
         _export_aws(dotenv)
     env = dict(dotenv)
     env.update(os.environ if environ is None else environ)
+    for name in env:              # the shared environment: only our own prefix is checked
+        if name.startswith(ENV_PREFIX) and _setting_of(name) is None:
+            raise SettingsError(name, f"unknown setting in the environment"
+                                      f"{_did_you_mean(name[len(ENV_PREFIX):])}")
     for k in KEYS:
-        if k.name.upper() in env:
-            raw[k.name] = env[k.name.upper()]
-            sources[k.name] = "environment"
+        for name in (k.name.upper(), ENV_PREFIX + k.name.upper()):    # QL_ wins over the bare name
+            if name in env:
+                raw[k.name] = env[name]
+                sources[k.name] = "environment"
     for name, value in (flags or {}).items():
         if value is not None:
             raw[name] = value
@@ -302,3 +347,25 @@ def load(config_file: str | None = None, flags: dict[str, Any] | None = None,
     if values["rotate_interval"] < values["flush_interval"]:
         raise SettingsError("rotate_interval", "must be >= flush_interval")
     return Settings(values, sources)
+
+
+def _shown_default(k: Key) -> str:
+    if k.name == "instance_id":
+        return "host name"
+    if isinstance(k.default, list):
+        return ",".join(k.default)
+    if isinstance(k.default, float) and k.default.is_integer():
+        return str(int(k.default))
+    return str(k.default) if k.default != "" else "-"
+
+
+def markdown_table() -> str:
+    """The README's settings table, from KEYS (tests/test_readme.py keeps the README equal to it)."""
+    lines = ["| key | section | default | meaning |", "|---|---|---|---|"]
+    for k in KEYS:
+        lines.append(f"| `{k.name}` | {k.section} | `{_shown_default(k)}` | {k.help.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":       # python -m app.settings: print the README's settings table
+    print(markdown_table(), end="")

@@ -61,6 +61,9 @@ class State:
         self.unsupported: dict[str, dict[str, str]] = defaultdict(dict)       # exch -> dataset -> why
         self.upload_backlog = {"files": 0, "bytes": 0, "oldest_age_s": 0.0}
         self.spool_usage: dict = {}    # S3 only, set by storage_s3 every second: bytes, budget, ratio, full
+        self.storage_problem: dict | None = None   # S3 only: the store does not answer (setting, reason)
+        self.discovery: dict[str, dict] = {}       # exchange -> what discovery is doing (collector)
+        self.data_dir: str | None = None           # for the disk-free gauge
         self.gap_log: list[dict] = []
         # gap detector (app/gaps.py, app/alignment.py): latest gaps per exchange (gap_detected
         # records + "at"), the last alignment_done summary, the measured server clock offset
@@ -342,11 +345,13 @@ class Monitor:
             reasons.append((OFFLINE, "no_connection"))
         else:
             down = [ex for ex, cs in conns.items() if cs and not connected[ex]]
-            down += [ex for ex, cs in conns.items()
-                     if not cs and st.total("discovery_failures", ex) > 0]
             if down:
                 reasons.append((DEGRADED, "exchange_offline"))
                 details["exchange_offline"] = sorted(down)
+        discovering = {ex: dict(d) for ex, d in list(st.discovery.items()) if d.get("status") != "done"}
+        if discovering:        # no instruments yet: nothing of that exchange can be recorded
+            reasons.append((DEGRADED, "discovering"))
+            details["discovering"] = discovering
         if q["capacity"] and q["utilisation"] > s.degraded_queue_ratio:
             reasons.append((DEGRADED, "queue_utilisation"))
             details["queue_utilisation"] = q["utilisation"]
@@ -403,6 +408,9 @@ class Monitor:
         state.spool_usage every second) or an upload backlog whose oldest file is too old."""
         st, s = self.state, self.settings
         out = []
+        problem = st.storage_problem
+        if problem is not None:
+            out.append(("storage_unavailable", dict(problem)))
         usage = dict(getattr(st, "spool_usage", None) or {})
         ratio = usage.get("ratio")
         if usage.get("full") or (ratio is not None and ratio >= s.degraded_spool_ratio):
@@ -498,6 +506,8 @@ class Monitor:
                 "instance_id": st.instance_id, "run_id": st.run_id, "stopping": st.stopping,
                 "exchanges": exchanges, "queue": st.queue_figures(int(now * 1e9)),
                 "writer_error": st.writer_error, "fatal_error": st.fatal_error,
+                "discovery": {ex: dict(d) for ex, d in list(st.discovery.items())},
+                "storage_problem": dict(st.storage_problem) if st.storage_problem else None,
                 "upload_backlog": dict(st.upload_backlog or {}),
                 "spool_usage": dict(getattr(st, "spool_usage", None) or {}) or None,
                 "last_heartbeat": self.last_heartbeat,
@@ -507,6 +517,7 @@ class Monitor:
     def start(self) -> None:
         self._prev_excepthook = threading.excepthook
         threading.excepthook = self._thread_died
+        self.evaluate(self.clock(), self.state.totals(), self._last, self.state.queue_figures())
         self._thread = threading.Thread(target=self._run, name="state-monitor", daemon=True)
         self._thread.start()
 
@@ -538,21 +549,3 @@ class Monitor:
             threading.excepthook = self._prev_excepthook
         if final_heartbeat:
             self.heartbeat(self.clock(), final=True)
-
-
-def _start_monitor(collector) -> None:
-    writer = collector.writer
-    monitor = Monitor(collector.state, collector.settings,
-                      writer_alive=(lambda: writer.is_alive()) if writer is not None else None)
-    collector.monitor = monitor
-    monitor.start()
-
-
-def _stop_monitor(collector) -> None:
-    monitor = getattr(collector, "monitor", None)
-    if monitor is not None:
-        monitor.stop()
-
-
-# Collector.extra_threads entry: (start(collector), stop(collector)).
-MONITOR_THREAD = (_start_monitor, _stop_monitor)

@@ -53,10 +53,13 @@ from botocore.config import Config
 from s3transfer.utils import ChunksizeAdjuster
 
 from app import logs
+from app.errors import SettingsError
 
 log = logs.get()
 NEAR_FULL_RATIO = 0.9      # default of degraded_spool_ratio: from here the state is DEGRADED
 RESUME_RATIO = 0.95        # after a full spool, new data is accepted again below this
+_FATAL = ("no_credentials", "partial_credentials", "no_profile")   # setup, not the store: stop
+RECHECK_S = 15.0           # while the store has a problem and nothing uploads, probe it this often
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}(-[0-9]+)?$")
 _CRED_CODES = {"InvalidAccessKeyId": "AWS_ACCESS_KEY_ID",
                "InvalidClientTokenId": "AWS_ACCESS_KEY_ID",
@@ -80,13 +83,23 @@ class _Item:
 
 
 def _labels(key: str) -> tuple[str, str]:
-    """(exchange, dataset) of a relative key, for per-exchange counters."""
+    """(exchange, dataset) of a relative key (raw/v1/<dataset>/<exchange>/date=..., or the first
+    layout's exchange=<x>), for per-exchange counters."""
     parts = key.split("/")
-    if len(parts) >= 5 and parts[0] == "raw" and parts[3].startswith("exchange="):
-        return parts[3][len("exchange="):], parts[2]
+    if len(parts) >= 5 and parts[0] == "raw":
+        return parts[3].removeprefix("exchange="), parts[2]
     if len(parts) >= 3 and parts[0] == "reference":
         return parts[1], "reference"
     return "", ""
+
+
+def _current_layout(key: str) -> str:
+    """A file left by a run of the first layout (raw/v1/<dataset>/exchange=<x>/...) goes to the
+    key the current layout gives it, so an outage across an upgrade leaves no old-layout keys."""
+    parts = key.split("/")
+    if len(parts) >= 5 and parts[0] == "raw" and parts[3].startswith("exchange="):
+        parts[3] = parts[3][len("exchange="):]
+    return "/".join(parts)
 
 
 def safe_endpoint(url: str) -> str:
@@ -209,46 +222,75 @@ class S3Storage:
 
     # ---- interface -----------------------------------------------------------------------
     def check(self) -> None:
-        """Fail fast with the setting to fix: bucket, endpoint, region or credentials."""
-        from app.collector import StartupError
+        """At start: a credentials setup that cannot work (none, half, an unknown profile) is a
+        settings error. Anything the store itself says (no bucket, access denied, wrong region,
+        unreachable) is not: the collector records to the local spool, DEGRADED with the reason
+        (`state.storage_problem`), and this probe is repeated until the store answers."""
+        problem = self.probe()
+        if problem is not None and problem[0] in _FATAL:
+            raise SettingsError(problem[1], problem[2])
+        self._set_problem(problem)
+
+    def probe(self) -> tuple[str, str, str] | None:
+        """One LIST on the bucket. -> None if it works, else (kind, setting, reason)."""
         where = safe_endpoint(self.endpoint or "")
         try:
             self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
         except bexc.NoCredentialsError:
-            raise StartupError("AWS_ACCESS_KEY_ID", "no AWS credentials found: set AWS_ACCESS_KEY_ID "
-                               "and AWS_SECRET_ACCESS_KEY (environment or .env), AWS_PROFILE, or "
-                               "use an instance role") from None
+            return ("no_credentials", "AWS_ACCESS_KEY_ID",
+                    "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                    "(environment or .env), AWS_PROFILE, or use an instance role")
         except bexc.PartialCredentialsError as e:
             missing = "AWS_SECRET_ACCESS_KEY" if "SECRET" in str(e.kwargs.get("cred_var", "")).upper() \
                 else "AWS_ACCESS_KEY_ID"
-            raise StartupError(missing, "incomplete AWS credentials: set both AWS_ACCESS_KEY_ID and "
-                               "AWS_SECRET_ACCESS_KEY") from None
+            return ("partial_credentials", missing,
+                    "incomplete AWS credentials: set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
         except bexc.ProfileNotFound:
-            raise StartupError("AWS_PROFILE", "the AWS profile named in AWS_PROFILE does not exist "
-                               "(~/.aws/config, ~/.aws/credentials)") from None
+            return ("no_profile", "AWS_PROFILE", "the AWS profile named in AWS_PROFILE does not exist "
+                    "(~/.aws/config, ~/.aws/credentials)")
         except (bexc.EndpointConnectionError, bexc.ConnectionClosedError, bexc.ReadTimeoutError,
                 bexc.SSLError, bexc.ProxyConnectionError) as e:
-            raise StartupError("s3_endpoint", f"cannot reach {where}: {type(e).__name__}") from None
+            return ("unreachable", "s3_endpoint", f"cannot reach {where}: {type(e).__name__}")
         except bexc.ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code == "NoSuchBucket":
-                raise StartupError("s3_bucket", f"bucket {self.bucket!r} does not exist at {where}") from None
+                return ("no_bucket", "s3_bucket", f"bucket {self.bucket!r} does not exist at {where}")
             if code in _CRED_CODES:
-                raise StartupError(_CRED_CODES[code], f"the store rejected the credentials ({code})") from None
+                return ("credentials", _CRED_CODES[code], f"the store rejected the credentials ({code})")
             if code in ("AuthorizationHeaderMalformed", "PermanentRedirect", "IllegalLocationConstraintException") \
                     or status == 301:
-                raise StartupError("s3_region", f"bucket {self.bucket!r} is not in region "
-                                   f"{self.settings.s3_region!r} ({code or status})") from None
+                return ("region", "s3_region", f"bucket {self.bucket!r} is not in region "
+                        f"{self.settings.s3_region!r} ({code or status})")
             if code in ("AccessDenied", "AllAccessDisabled") or status == 403:
-                raise StartupError("s3_bucket", f"access denied to bucket {self.bucket!r} ({code or status}): "
-                                   "the credentials need s3:ListBucket, s3:PutObject and s3:GetObject "
-                                   "on it") from None
-            raise StartupError("s3_endpoint", f"unexpected answer from {where} ({code or '?'}, HTTP "
-                               f"{status}): is it an S3-compatible endpoint?") from None
+                return ("access_denied", "s3_bucket",
+                        f"access denied to bucket {self.bucket!r} ({code or status}): the credentials "
+                        "need s3:ListBucket, s3:PutObject and s3:GetObject on it")
+            return ("unexpected", "s3_endpoint", f"unexpected answer from {where} ({code or '?'}, HTTP "
+                    f"{status}): is it an S3-compatible endpoint?")
         except bexc.BotoCoreError as e:
-            raise StartupError("s3_endpoint", f"{where}: {type(e).__name__}") from None
-        log.info("s3_check_ok", extra={"endpoint": where, "bucket": self.bucket, "prefix": self.prefix})
+            return ("unexpected", "s3_endpoint", f"{where}: {type(e).__name__}")
+        return None
+
+    def _set_problem(self, problem) -> None:
+        """Report the store's state once per change (log and state.storage_problem)."""
+        old = self.state.storage_problem
+        if problem is None:
+            self.state.storage_problem = None
+            if old is not None:
+                log.info("storage_available", extra={"endpoint": safe_endpoint(self.endpoint or ""),
+                                                     "bucket": self.bucket, "was": old.get("reason")})
+            else:
+                log.info("s3_check_ok", extra={"endpoint": safe_endpoint(self.endpoint or ""),
+                                               "bucket": self.bucket, "prefix": self.prefix})
+            return
+        kind, setting, reason = problem
+        self.state.storage_problem = {"kind": kind, "setting": setting, "reason": reason,
+                                      "since": (old or {}).get("since") or round(time.time(), 3)}
+        if old is None or old.get("reason") != reason:
+            log.warning("storage_unavailable", extra={"setting": setting, "reason": reason,
+                                                      "action": "recording to the local spool; "
+                                                                "uploads start when the store answers"})
 
     def start(self) -> None:
         """Queue what a previous run left, start the uploaders and the spool monitor."""
@@ -344,7 +386,7 @@ class S3Storage:
         found.sort()
         with self._cond:
             for mtime, path, size in found:
-                key = os.path.relpath(path, self.data_dir).replace(os.sep, "/")
+                key = _current_layout(os.path.relpath(path, self.data_dir).replace(os.sep, "/"))
                 if key not in self._known:
                     self._push(_Item((mtime, next(self._seq)), key, path, size, mtime, maybe_there=True))
             self._cond.notify_all()
@@ -392,10 +434,15 @@ class S3Storage:
                                   "near_full": near, "full": not self._accepting}
 
     def _monitor(self) -> None:
+        last_probe = time.monotonic()
         while not self._monitor_stop.wait(1.0):
             try:
                 self._update_backlog()
                 self._measure()
+                if self.state.storage_problem is not None and time.monotonic() - last_probe >= RECHECK_S:
+                    last_probe = time.monotonic()
+                    problem = self.probe()
+                    self._set_problem(problem)
             except Exception as e:  # noqa: BLE001 - a metric must never kill storage
                 log.error("spool_monitor_error", extra={"error": repr(e)})
 
@@ -514,6 +561,8 @@ class S3Storage:
             self._cond.notify_all()
         if recovered:
             log.info("upload_resumed", extra={"after_failures": recovered, "backlog_files": backlog})
+        if self.state.storage_problem is not None:     # the store took a file: it works now
+            self._set_problem(None)
         self._update_backlog()
 
     def _failed(self, item: _Item, e: BaseException) -> None:

@@ -220,7 +220,7 @@ class Collector:
         raise RuntimeError("collector not ready: " + json.dumps(self.lines[-5:]))
 
     def metrics(self) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics?format=json", timeout=5) as r:
             return json.loads(r.read())
 
     def _sample(self) -> None:
@@ -452,7 +452,7 @@ def parquet_sizes(data_dir: str, exchange: str = "*") -> dict:
     try:
         for ds_dir in sorted(glob.glob(os.path.join(data_dir, "raw", "v1", "*"))):
             ds = os.path.basename(ds_dir)
-            files = glob.glob(os.path.join(ds_dir, f"exchange={exchange}", "*", "*.parquet"))
+            files = glob.glob(os.path.join(ds_dir, exchange, "date=*", "*.parquet"))
             ours = plain = rows = 0
             for f in files:
                 table = pq.read_table(f, partitioning=None)

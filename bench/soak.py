@@ -259,7 +259,7 @@ class CollectorProc:
         return self.proc.poll() is None
 
     def metrics(self, timeout: float = 5) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=timeout) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics?format=json", timeout=timeout) as r:
             return json.loads(r.read())
 
     def events(self, name: str, since: float = 0.0, until: float | None = None) -> list[dict]:

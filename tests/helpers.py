@@ -106,7 +106,7 @@ class CollectorProcess:
         """GET /metrics (JSON) from the running collector."""
         import urllib.request
         port = self.wait_for("status_listen", timeout=30)[0]["port"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics?format=json", timeout=5) as r:
             return json.loads(r.read())
 
     def frames_received(self, exchange: str) -> int:
@@ -176,8 +176,8 @@ def wait_rows_parsed(c: CollectorProcess, sim, exchanges, datasets, timeout: flo
 
 
 def parquet_files(data_dir: str, dataset: str, exchange: str | None = None) -> list[str]:
-    ex = f"exchange={exchange}" if exchange else "exchange=*"
-    return sorted(glob.glob(os.path.join(data_dir, "raw", "v1", dataset, ex, "date=*", "*.parquet")))
+    """raw/v1/<dataset>/<exchange>/date=*/*.parquet (CONTRACT.md section 2)."""
+    return sorted(glob.glob(os.path.join(data_dir, "raw", "v1", dataset, exchange or "*", "date=*", "*.parquet")))
 
 
 def read_dataset(data_dir: str, dataset: str) -> pa.Table | None:

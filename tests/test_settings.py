@@ -16,6 +16,7 @@ def test_defaults_match_contract(tmp_path):
     assert (s.flush_interval, s.rotate_interval) == (2.0, 60.0)
     assert (s.status_host, s.status_port, s.heartbeat_interval) == ("127.0.0.1", 8000, 30.0)
     assert s.ws_url("binance") == "wss://fstream.binance.com"
+    assert s.ws_url("okx") == "wss://ws.okx.com"        # port 443, not the old 8443
 
 
 def test_layers_override_in_order(tmp_path):
@@ -52,6 +53,57 @@ def test_unknown_key_in_file(tmp_path):
     with pytest.raises(settings.SettingsError) as e:
         settings.load(str(ini), environ={})
     assert e.value.key == "flush_intervall"
+    assert "did you mean flush_interval?" in str(e.value)
+
+
+def test_unknown_keys_in_dotenv_and_ql_environment_name_the_closest(tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("DATA_DIRR=/x\n")
+    with pytest.raises(settings.SettingsError) as e:
+        settings.load(None, environ={}, dotenv_path=str(dotenv))
+    assert e.value.key == "DATA_DIRR" and "did you mean data_dir?" in str(e.value)
+    dotenv.write_text("data_dir=/x\n")
+    with pytest.raises(settings.SettingsError) as e:
+        settings.load(None, environ={}, dotenv_path=str(dotenv))
+    assert "upper case: DATA_DIR" in str(e.value)
+    dotenv.write_text("AWS_ACCESS_KEY_ID=AKIA\nQL_FLUSH_INTERVAL=5\n")      # AWS names and QL_ are ours
+    assert settings.load(None, environ={}, dotenv_path=str(dotenv)).flush_interval == 5.0
+    with pytest.raises(settings.SettingsError) as e:
+        settings.load(None, environ={"QL_ROTATE_INTERVALL": "9"}, dotenv_path=str(tmp_path / "none"))
+    assert e.value.key == "QL_ROTATE_INTERVALL" and "did you mean rotate_interval?" in str(e.value)
+    # other programs' variables in the shared environment are not ours to judge
+    s = settings.load(None, environ={"HOME": "/root", "ROTATE": "x", "QL_DATA_DIR": "/d", "DATA_DIR": "/e"},
+                      dotenv_path=str(tmp_path / "none"))
+    assert s.data_dir == "/d"                                           # QL_ wins over the bare name
+
+
+def test_exchange_and_dataset_names_ignore_case(tmp_path):
+    s = settings.load(None, flags={"exchanges": "OKX,Bybit", "datasets": "BBO"}, environ={},
+                      dotenv_path=str(tmp_path / ".env"))
+    assert s.exchanges == ["okx", "bybit"] and s.datasets == ["bbo"]
+
+
+def test_version_flag():
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bin", "collector"), "--version"],
+                       capture_output=True, text=True, timeout=60)
+    from app import __version__
+    assert p.returncode == 0 and p.stdout.strip() == f"collector {__version__}"
+
+
+def test_unwritable_data_dir_is_one_line_and_exit_2_at_once(tmp_path):
+    import time
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bin", "collector"), "--data-dir",
+                        str(blocker / "data"), "--status-port", "0"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, BINANCE_REST_URL="http://127.0.0.1:9"))
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        f"collector: invalid setting data_dir: cannot write to {blocker / 'data'}: Not a directory"]
+    assert "Traceback" not in p.stdout + p.stderr
+    assert time.monotonic() - t0 < 10            # before any discovery or connection attempt
 
 
 def test_bin_collector_exits_2_naming_the_setting(tmp_path):

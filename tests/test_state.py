@@ -147,14 +147,19 @@ def test_one_exchange_down_is_degraded_and_named(rig, events):
     assert (change.old, change.new, change.details) == (READY, DEGRADED, {"exchange_offline": ["okx"]})
 
 
-def test_exchange_whose_discovery_failed_is_degraded(rig):
+def test_exchange_still_discovering_is_degraded(rig):
     st, mon, clock, conns, _q = rig(exchanges=("binance", "okx"))
     st.retire_connection(conns["okx"])         # okx never got a connection...
+    st.discovery.update(binance={"status": "done"}, okx={"status": "done"})
     run(mon, clock, 1)
     assert st.state == READY                   # ...which alone is not a fault (nothing planned)
-    st.count("discovery_failures", "okx")      # ...but a failed discovery is
+    st.discovery["okx"] = {"status": "retrying", "attempt": 2, "last_error": "HTTP 503"}
+    run(mon, clock, 1)                         # ...but an exchange whose discovery fails is
+    assert st.state == DEGRADED and st.reasons == ["discovering"]
+    assert st.details["discovering"] == {"okx": {"status": "retrying", "attempt": 2, "last_error": "HTTP 503"}}
+    st.discovery["okx"] = {"status": "done"}
     run(mon, clock, 1)
-    assert st.state == DEGRADED and st.details["exchange_offline"] == ["okx"]
+    assert st.state == READY
 
 
 def test_drop_is_degraded_for_one_window_then_ready(rig, events):

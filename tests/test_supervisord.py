@@ -214,3 +214,31 @@ def test_group_one_program_per_exchange_shares_data_dir(tmp_path, simulator):
             assert not sup.events(p, "finalize_failed") and not sup.events(p, "spool_unreadable")
     finally:
         sup.shutdown()
+
+
+@pytest.mark.timeout(150)
+def test_store_down_at_start_keeps_running_under_supervisord(tmp_path, simulator):
+    """An unreachable S3 endpoint used to exit 2 at start: supervisord retried, then marked the
+    program FATAL and nothing was recorded until a person acted. Now it stays RUNNING, records
+    into the local spool and says DEGRADED with the reason."""
+    import socket
+    with socket.socket() as s:                       # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    env = dict(_env(simulator, tmp_path), STORAGE_BACKEND="s3", S3_ENDPOINT=f"http://127.0.0.1:{dead}",
+               S3_BUCKET="ql-bucket", AWS_ACCESS_KEY_ID="AKIDTEST", AWS_SECRET_ACCESS_KEY="not-a-secret",
+               AWS_EC2_METADATA_DISABLED="true", UPLOAD_STOP_TIMEOUT="2")
+    sup = Supervisor(tmp_path, env).start()
+    try:
+        assert "collector: started" in sup.ctl("start", "collector").stdout
+        wait_until(lambda: sup.events("collector", "file_written"), timeout=30, what="recording")
+        (problem,) = sup.events("collector", "storage_unavailable")[:1]
+        assert problem["setting"] == "s3_endpoint"
+        wait_until(lambda: any("storage_unavailable" in l.get("reasons", [])
+                               for l in sup.events("collector", "state_change")), 20, what="DEGRADED")
+        assert "RUNNING" in sup.ctl("status", "collector").stdout
+        assert "FATAL" not in sup.supervisord_log() and "exit status 2" not in sup.supervisord_log()
+        r = sup.ctl("stop", "collector")
+        assert "collector: stopped" in r.stdout, r.stdout + r.stderr
+    finally:
+        sup.shutdown()

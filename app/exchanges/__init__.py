@@ -179,16 +179,33 @@ def split_by_path(exchange: str, streams: list[Stream], max_per_conn: int) -> li
             for path, group in by_path.items() for part in chunked(group, max_per_conn)]
 
 
-def resolve_symbols(requested: list[str], instruments: list[Instrument]) -> tuple[list[Instrument], list[str]]:
-    """Map user symbols (Binance form BTCUSDT/BTCUSDC, native form, or unified BTC-USDT-PERP)
-    onto one exchange's instruments. Returns (found, not listed)."""
-    if [s.upper() for s in requested] == ["ALL"]:
-        return list(instruments), []
+def _aliases(instruments: list[Instrument]) -> dict[str, Instrument]:
     aliases: dict[str, Instrument] = {}
     for inst in instruments:
         for alias in (inst.symbol, inst.instrument, f"{inst.base}{inst.quote}", inst.display_name):
             if alias:
                 aliases.setdefault(alias.upper(), inst)
+    return aliases
+
+
+def close_matches(symbol: str, instruments: list[Instrument], n: int = 3) -> list[str]:
+    """Listed names that look like a symbol the exchange does not list (a typo, a wrong quote)."""
+    import difflib
+    aliases = _aliases(instruments)
+    out, seen = [], set()
+    for alias in difflib.get_close_matches(symbol.strip().upper(), list(aliases), n=4 * n, cutoff=0.6):
+        if aliases[alias].symbol not in seen:       # the best-matching name of each instrument
+            seen.add(aliases[alias].symbol)
+            out.append(alias)
+    return out[:n]
+
+
+def resolve_symbols(requested: list[str], instruments: list[Instrument]) -> tuple[list[Instrument], list[str]]:
+    """Map user symbols (Binance form BTCUSDT/BTCUSDC, native form, or unified BTC-USDT-PERP)
+    onto one exchange's instruments. Returns (found, not listed)."""
+    if [s.upper() for s in requested] == ["ALL"]:
+        return list(instruments), []
+    aliases = _aliases(instruments)
     found, missing, seen = [], [], set()
     for sym in requested:
         inst = aliases.get(sym.strip().upper())
