@@ -3,7 +3,7 @@
 
 LocalStorage: data_dir is the root, so a published file is already in place.
 S3Storage (app/storage_s3.py) has the same interface: check() at start (raises
-app.collector.StartupError naming the setting), start(), publish() (queues an upload, never
+app.errors.SettingsError naming the setting), start(), publish() (queues an upload, never
 blocks), accepting() (disk budget), pending_keys(), stop(timeout) (drain, leave the rest).
 """
 from __future__ import annotations

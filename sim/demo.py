@@ -1,5 +1,5 @@
 """`make demo`: the simulator on loopback and bin/collector against it, so anyone can watch the
-collector work with no network. Files appear under ./data/raw/v1/ within seconds (the demo
+collector work with no network. Files appear under ./demo-data/raw/v1/ within seconds (the demo
 rotates files every 10 s instead of 60 s); Ctrl-C stops both, the collector drains first."""
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def summary(data_dir: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seconds", type=float, default=0, help="stop after this long (0 = until Ctrl-C)")
-    ap.add_argument("--data-dir", default="./data")
+    ap.add_argument("--data-dir", default="./demo-data",
+                    help="never ./data: the demo's simulated rows must not mix with real ones")
     ap.add_argument("--symbols", default="BTCUSDT,ETHUSDT,BTCUSDC")
     ap.add_argument("--rate", type=float, default=20.0)
     ap.add_argument("--quiet", action="store_true", help="do not echo the collector's log lines")
@@ -38,7 +39,8 @@ def main(argv=None) -> int:
 
     sim = Simulator(exchanges=("binance", "bybit", "okx"), rate=a.rate, cadence_scale=0.5)
     sim.start()
-    env = dict(os.environ, DATA_DIR=a.data_dir, ROTATE_INTERVAL="10", INSTANCE_ID="demo",
+    env = {k: v for k, v in os.environ.items() if k not in ("QL_DATA_DIR", "QL_INSTANCE_ID")}
+    env.update(DATA_DIR=a.data_dir, ROTATE_INTERVAL="10", INSTANCE_ID="demo",
                STATUS_PORT=os.environ.get("STATUS_PORT", "8000"))
     for ex, urls in sim.urls.items():
         env[f"{ex.upper()}_WS_URL"], env[f"{ex.upper()}_REST_URL"] = urls["ws"], urls["rest"]
