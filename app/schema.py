@@ -333,7 +333,7 @@ def check_table(dataset: str, table: pa.Table) -> pa.Table:
 
 
 # Parquet encodings per column, chosen by measurement (bench/run.py prints bytes per row per
-# dataset; README "Performance" has the figures). Rows stay in arrival order, so symbols
+# dataset; docs/performance.md has the figures). Rows stay in arrival order, so symbols
 # interleave and per-symbol sequences (update ids, trade ids, event times) are not monotone in a
 # file: plain + zstd beats delta encoding for them. Dictionary only where values repeat a lot.
 _DICTIONARY = {"exchange", "symbol", "instrument", "side", "conn_id", "trade_count", "is_block",
