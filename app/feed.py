@@ -1,4 +1,4 @@
-"""WebSocket connections: websocket-client threads that stamp frames and enqueue them.
+"""WebSocket connections: one thread per socket that stamps frames and hands them over in batches.
 
 `on_message` is the hot path and does only this: stamp the frame with the process-wide
 recv_seq and ts_recv and append it, raw bytes, to the connection's micro-batch
@@ -6,6 +6,17 @@ recv_seq and ts_recv and append it, raw bytes, to the connection's micro-batch
 queue under one lock whenever the thread is about to wait for the network
 (`FrameQueue.offer`), so a frame is never held back waiting for the next one. A full queue is a
 counted drop per frame, never a block: the exchange would disconnect a slow reader.
+
+Why the socket is read here and not by websocket-client: its reading costs ~4 us of Python per
+frame (two or three recv() calls, a frame object, continuation bookkeeping), a socket thread's
+whole budget, and the faster reader this replaced had to reach into its private internals,
+which any release could break without a sound. So websocket-client does what its documented
+API does well: the handshake (`WebSocket.connect`, which reads the HTTP response byte by byte,
+so no frame bytes are consumed), TLS, proxies, and every send (`send`, `ping`, `pong`,
+`send_close` mask client frames and hold its send lock). The thread reads the raw socket
+itself, 64 KiB a time, and decodes with app/wsframes.py (sans-I/O, tested on its own): whole
+data frames go from the read buffer straight to on_message. tests/test_public_api.py keeps
+app/ off websocket-client's private names.
 
 Everything slower lives in the Manager's watchdog thread, once a second: keepalive pings,
 dead-socket detection (no frame at all for stale_timeout, which also catches half-open
@@ -19,7 +30,6 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-import selectors
 import socket
 import threading
 import time
@@ -30,201 +40,147 @@ from app import logs
 from app.handoff import FrameQueue, Stamps
 from app.exchanges import ConnectionPlan, Control
 from app.subscriptions import LIVE, PENDING, SubscriptionBook
+from app.wsframes import Close, Decoder, Ping, Pong, ProtocolError
 
 log = logs.get()
 
-# ---- socket reading: the per-frame cost of websocket-client, cut where it is spent ------------------
-#
-# websocket-client (>=1.8,<2) reads every frame with `frame_buffer.recv_strict(n)`: one recv()
-# syscall for the 2-byte header, another for the length and the payload, and its Dispatcher
-# calls select() before every frame; then it builds and validates an ABNF object and passes it
-# through its continuation-frame logic: ~4 us of Python per frame, most of a socket thread's
-# time. Three small adapters remove that cost without changing what a callback receives:
-#   * `_BufferedReader` replaces `recv_strict` on the connection's frame_buffer: it recv()s
-#     READ_CHUNK bytes at a time and serves the header, length and payload as slices of that
-#     buffer (one syscall per ~64 KiB instead of 2-3 per frame).
-#   * `_BufferedReader.data_frames` hands every buffered frame that is a whole text or binary
-#     message as servers send it (FIN set, no RSV bits, no mask) straight to on_message, as the
-#     bytes websocket-client would have passed. Anything else (pings, pongs, close, fragments,
-#     RSV bits, a mask) is left where it is, and websocket-client reads it itself, with its own
-#     checks, replies and errors.
-#   * `BufferedDispatcher` installs the reader when the dispatcher starts reading (after the
-#     handshake, which websocket-client reads byte by byte, so no data is in flight) and lets
-#     recv() do the waiting instead of a select() before every read.
-#   * Before the thread may wait for the network (a refill or a select), the app's
-#     `before_wait` hook runs: the connection hands its micro-batch of frames to the queue
-#     there, under one lock, instead of one put_nowait per frame (see Connection._run_once).
-# UTF-8 is not validated here (`skip_utf8_validation`): Arrow validates each batch in the writer.
-
-READ_CHUNK = 64 * 1024
+READ_CHUNK = 64 * 1024          # bytes per recv(): one syscall per ~400 typical frames
+MAX_MESSAGE = 16 << 20          # a larger message is refused (close 1009) and the socket reconnects
 
 
-class _BufferedReader:
-    """`recv_strict(n)` for websocket-client's frame_buffer, served from READ_CHUNK reads."""
-
-    __slots__ = ("_recv", "_pending_ssl", "_before_wait", "buf", "pos")
-
-    def __init__(self, frame_buffer, sock, before_wait):
-        self._recv = frame_buffer.recv          # WebSocket._recv: closed socket -> exception
-        self._pending_ssl = getattr(sock, "pending", None)    # TLS: decrypted, not yet read
-        self._before_wait = before_wait
-        self.buf = b""
-        self.pos = 0
-
-    def recv_strict(self, n: int) -> bytes:
-        pos = self.pos
-        end = pos + n
-        if end <= len(self.buf):            # the common case: the frame part is buffered
-            self.pos = end
-            return self.buf[pos:end]
-        parts = [self.buf[pos:]]
-        have = len(parts[0])
-        while have < n:
-            self._before_wait()
-            chunk = self._recv(max(READ_CHUNK, n - have))
-            parts.append(chunk)
-            have += len(chunk)
-        self.buf = b"".join(parts)
-        self.pos = n
-        return self.buf[:n]
-
-    def buffered(self) -> bool:
-        """True if a frame (or part of one) can be read without waiting for the socket."""
-        return self.pos < len(self.buf) or bool(self._pending_ssl and self._pending_ssl())
-
-    def data_frames(self, app) -> int:
-        """Call app.on_message(app, payload) for each complete frame at the head of the buffer
-        that is a whole message in one unmasked frame (first byte 0x81 text or 0x82 binary: FIN,
-        no RSV bits), the payload as websocket-client passes it with skip_utf8_validation.
-        -> 0 when it stops at a frame websocket-client must read (`read_callback`), else the
-        number of bytes, at least, that the buffer lacks for the next frame (`fill`)."""
-        on_message = app.on_message
-        buf, pos = self.buf, self.pos
-        size = len(buf)
-        need = 2
-        while size - pos >= 2:
-            head, n = buf[pos], buf[pos + 1]
-            if (head != 0x81 and head != 0x82) or n & 0x80:
-                self.pos = pos
-                return 0
-            if n < 126:
-                start = pos + 2
-            elif n == 126:
-                start = pos + 4
-                if start > size:
-                    need = start - pos
-                    break
-                n = buf[pos + 2] << 8 | buf[pos + 3]
-            else:
-                start = pos + 10
-                if start > size:
-                    need = start - pos
-                    break
-                n = int.from_bytes(buf[pos + 2:start], "big")
-            end = start + n
-            if end > size:
-                need = end - pos
-                break
-            pos = end
-            try:
-                on_message(app, buf[start:end])
-            except Exception as e:  # noqa: BLE001 - as websocket-client's own _callback does
-                app._callback(app.on_error, e)
-        self.pos = pos
-        return max(need - (size - pos), 1)
-
-    def fill(self, need: int) -> None:
-        """One read from the socket (after `before_wait`), appended to what is left unread."""
-        self._before_wait()
-        chunk = self._recv(max(READ_CHUNK, need))
-        self.buf = self.buf[self.pos:] + chunk if self.pos < len(self.buf) else chunk
-        self.pos = 0
-
-
-class BufferedDispatcher(websocket._app.Dispatcher):
-    """websocket-client's Dispatcher, reading through a `_BufferedReader`. When nothing is
-    buffered it reads straight away: on a blocking socket (websocket-client's default: no
-    timeout) recv() itself waits for data without the GIL, so the select() call websocket-client
-    makes first is skipped: ~10 % less CPU per frame at a paced 100k frames/s, where every tick
-    wakes the thread (bench/run.py's firehose). A socket with a timeout (or TLS data still in
-    the TLS layer) keeps the select(). close() shuts the socket down, which ends either wait.
-
-    On a blocking socket, whole data frames go to on_message from `data_frames`; only the
-    other frames take websocket-client's read path (`read_callback`, one frame each), and so
-    does everything while a fragmented message is being received, or when the app asked for
-    what only that path gives (UTF-8 validation, on_data, on_cont_message)."""
-
-    def read(self, sock, read_callback, check_callback) -> None:
-        ws = self.app.sock
-        if ws is None or ws.sock is None:
-            return
-        app = self.app
-        app.raw_socket = sock
-        before_wait = getattr(app, "before_wait", None) or _nothing
-        reader = _BufferedReader(ws.frame_buffer, ws.sock, before_wait)
-        ws.frame_buffer.recv_strict = reader.recv_strict     # instance attribute shadows the method
-        buffered = reader.buffered
-        blocking = ws.sock.gettimeout() is None
-        direct = (blocking and app.data_frames and ws.frame_buffer.skip_utf8_validation
-                  and app.on_data is None and app.on_cont_message is None)
-        fragments = ws.cont_frame
-        sel = selectors.DefaultSelector()
-        sel.register(ws.sock, selectors.EVENT_READ)
-        try:
-            while app.keep_running:
-                if direct and fragments.recving_frames is None:
-                    need = reader.data_frames(app)
-                    if need:
-                        reader.fill(need)
-                        check_callback()
-                        continue
-                if buffered() or blocking:
-                    if not read_callback():
-                        break
-                else:
-                    before_wait()
-                    if sel.select(self.ping_timeout) and not read_callback():
-                        break
-                check_callback()
-        finally:
-            sel.close()
-
-
-def _nothing() -> None:
+def _nothing(*_args) -> None:
     pass
 
 
-class FastWebSocketApp(websocket.WebSocketApp):
-    """WebSocketApp whose default dispatcher is `BufferedDispatcher` (same semantics otherwise:
-    no custom-dispatcher code paths of websocket-client are involved). Set `before_wait` to a
-    callable to run it whenever the socket thread is about to wait for data; `data_frames`
-    False keeps websocket-client's frame parsing for every frame (the bench's reference)."""
+_callback_errors = logs.RateLimited(10.0)
 
-    before_wait = None
-    data_frames = True          # False: every frame through websocket-client's own parsing
-    raw_socket = None
 
-    def run_forever(self, *args, **kwargs):
-        """As websocket-client's, then the socket is closed. websocket-client only drops it
-        (after a close frame, or a shutdown() from Connection.close), and its WebSocket object
-        is in a reference cycle (frame_buffer holds a bound method of it): each finished
-        connection kept its file descriptor until the cyclic GC ran."""
+class Reader:
+    """One WebSocket connection read through app.wsframes; websocket-client does the handshake and
+    every send. Used by Connection and by bench/clients.py (the reader limit), so the bench
+    measures what production runs.
+
+        r = Reader(on_message, before_wait=hand_over, on_ping=..., on_pong=...)
+        r.connect(url)          # the handshake (blocking); r.ws is the websocket-client WebSocket
+        r.run()                 # reads until the connection ends; the socket is then closed
+
+    on_message(payload: bytes) gets every text and binary message, UTF-8 not validated;
+    on_ping / on_pong(payload) every ping (already answered with a pong) and pong;
+    before_wait() runs before every recv() that may block. A callback that raises is logged
+    (`ws_callback_error`, rate limited) and reading goes on. After run(): close_code and
+    close_reason of the server's close frame (close_code None: there was none), `error` why
+    reading ended otherwise ("stopped" after stop(); None after a close frame).
+
+    stop() may be called from any thread, at any time (before, during or after the handshake):
+    it optionally sends a close frame, then shuts the socket down, which ends a blocked recv()."""
+
+    __slots__ = ("ws", "name", "on_message", "before_wait", "on_ping", "on_pong", "max_size",
+                 "running", "close_code", "close_reason", "error")
+
+    def __init__(self, on_message, *, before_wait=_nothing, on_ping=_nothing, on_pong=_nothing,
+                 max_size: int = MAX_MESSAGE, name: str = "", sslopt: dict | None = None):
+        # the send lock (enable_multithread, the default) serialises the pongs of this thread
+        # with other threads' sends; sslopt as websocket-client takes it (wss:// only)
+        self.ws = websocket.WebSocket(sslopt=sslopt, skip_utf8_validation=True)
+        self.name = name
+        self.on_message = on_message
+        self.before_wait = before_wait
+        self.on_ping = on_ping
+        self.on_pong = on_pong
+        self.max_size = max_size
+        self.running = True
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.error: str | None = None
+
+    def connect(self, url: str, **options) -> None:
+        """websocket-client's handshake (its options: header, http_proxy_host, timeout...). Raises
+        as WebSocket.connect does; the socket is then already closed."""
+        self.ws.connect(url, **options)
+
+    def stop(self, close_reason: str | None = None) -> None:
+        """End reading from another thread: a close frame first if close_reason is given (a
+        half-open peer would never answer one: then don't), then shutdown(), which wakes recv().
+        The socket thread may tear the socket down meanwhile: each step tolerates that."""
+        self.running = False
+        ws = self.ws
+        raw = ws.sock                 # captured once: the socket thread sets ws.sock None when it ends
+        if raw is None:
+            return                    # not connected yet (run() will not read) or already ended
+        if close_reason is not None:
+            try:
+                ws.send_close(websocket.STATUS_NORMAL, close_reason.encode()[:120])
+            except (OSError, websocket.WebSocketException, AttributeError, ValueError):
+                pass                  # already closing: the shutdown still ends it
         try:
-            return super().run_forever(*args, **kwargs)
+            raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def run(self) -> None:
+        """Read until the server closes, the protocol breaks, the socket fails or stop() is
+        called; then close the socket (websocket-client would leave it to the cyclic GC)."""
+        ws = self.ws
+        try:
+            raw = ws.sock
+            if raw is None:
+                self.error = "not connected"
+                return
+            recv = raw.recv           # TLS: SSLSocket.recv returns decrypted bytes, pending first
+            decoder = Decoder(self.max_size)
+            feed, deliver = decoder.feed, decoder.deliver
+            on_message, before_wait = self.on_message, self.before_wait
+            while self.running:
+                before_wait()
+                try:
+                    data = recv(READ_CHUNK)
+                except TimeoutError:  # only if a socket timeout was configured: keep waiting
+                    continue
+                except OSError as e:  # reset, TLS error, or a shutdown from stop()
+                    self.error = repr(e) if self.running else "stopped"
+                    return
+                if not data:          # the peer's FIN, or a shutdown from stop()
+                    self.error = "connection closed without a close frame" if self.running else "stopped"
+                    return
+                feed(data)
+                # every complete frame now, before the next recv() may block: with TLS, bytes
+                # already decrypted would otherwise wait for more to arrive
+                while True:
+                    try:
+                        event = deliver(on_message)
+                        if event is None:
+                            break
+                        kind = type(event)
+                        if kind is Ping:
+                            self._quietly(ws.pong, event.payload)
+                            self.on_ping(event.payload)
+                        elif kind is Pong:
+                            self.on_pong(event.payload)
+                        elif kind is Close:
+                            self.close_code = event.code
+                            self.close_reason = event.reason.decode("utf-8", "replace")
+                            # echo the code (RFC 6455 5.5.1); no code: a normal close
+                            code = event.code if event.code != 1005 else websocket.STATUS_NORMAL
+                            self._quietly(ws.send_close, code)
+                            return
+                    except ProtocolError as e:
+                        self.error = f"protocol error {e.code}: {e.reason}"
+                        self._quietly(ws.send_close, e.code, e.reason.encode()[:120])
+                        return
+                    except Exception as e:  # noqa: BLE001 - a callback's bug never ends the socket
+                        _callback_errors(logging.ERROR, "ws_callback_error", key=self.name,
+                                         conn=self.name, error=repr(e))
         finally:
-            raw, self.raw_socket = self.raw_socket, None
-            if raw is not None:
-                raw.close()
+            self.running = False
+            ws.shutdown()             # closes the socket (public API), ws.sock = None
 
-    def create_dispatcher(self, ping_timeout, dispatcher=None, *args, **kwargs):
-        if dispatcher is not None:
-            return super().create_dispatcher(ping_timeout, dispatcher, *args, **kwargs)
-        return BufferedDispatcher(self, ping_timeout or 10)
+    @staticmethod
+    def _quietly(method, *args) -> None:
+        try:
+            method(*args)
+        except (OSError, websocket.WebSocketException):
+            pass                      # the socket is going: the next recv() says so
 
-
-# run_forever options of every connection (and of the bench's no-op ceiling client): no UTF-8
-# validation in Python, no library pings or reconnects (the watchdog owns both).
-RUN_OPTIONS = {"skip_utf8_validation": True, "ping_interval": 0, "reconnect": 0}
 
 
 class Connection:
@@ -254,7 +210,8 @@ class Connection:
         self.notice_seen = False
         self.replacement: "Connection | None" = None
         self.replacing_since = 0.0
-        self.app: websocket.WebSocketApp | None = None
+        self.ws: websocket.WebSocket | None = None    # the current socket, for sending
+        self._reader: Reader | None = None
         self._close_reason = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"ws-{name}", daemon=True)
@@ -275,26 +232,13 @@ class Connection:
         return self._stop.is_set()
 
     def close(self, reason: str, abort: bool = True) -> None:
-        """End the current socket; the loop reconnects unless stopped. `abort` skips the
-        closing handshake (a half-open peer would never answer it)."""
-        app = self.app
-        if app is None:
+        """End the current socket (from any thread); the loop reconnects unless stopped. `abort`
+        skips the closing handshake (a half-open peer would never answer it)."""
+        reader = self._reader
+        if reader is None:
             return
         self._close_reason = reason
-        app.keep_running = False
-        ws = app.sock
-        raw = ws.sock if ws is not None else None     # the socket thread may drop ws.sock meanwhile
-        if raw is None:
-            return
-        try:
-            if not abort:
-                ws.send_close(websocket.STATUS_NORMAL, reason.encode()[:120])
-        except (OSError, websocket.WebSocketException, AttributeError):
-            pass                                       # already closing: the shutdown still ends it
-        try:
-            raw.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        reader.stop(None if abort else reason)
 
     def _loop(self) -> None:
         s = self.manager.settings
@@ -331,14 +275,14 @@ class Connection:
 
         screen = self.adapter.URGENT_SCREEN
         if not screen:
-            def on_message(_ws, data):
+            def on_message(data):
                 add_seq(next_seq())
                 add_ts(time_ns())
                 add_payload(data)
         else:
             size, urgent = len(screen), self.adapter.urgent_control
 
-            def on_message(_ws, data):     # the same, and a look at frames that are not data
+            def on_message(data):     # the same, and a look at frames that are not data
                 add_seq(next_seq())
                 add_ts(time_ns())
                 add_payload(data)
@@ -384,14 +328,10 @@ class Connection:
                 threading.Thread(target=self._subscriber, args=(ws, book),
                                  name=f"sub-{self.name}", daemon=True).start()
 
-        def on_liveness(_ws, _data):
+        def on_liveness(_payload):
             self.last_frame_ns = time.time_ns()
 
-        def on_error(_ws, error):
-            if not self._close_reason:
-                self._close_reason = repr(error)
-
-        def on_close(_ws, code, reason):
+        def on_close(code, reason):
             hand_over()
             was_connected = self.connected
             self.connected = False
@@ -406,16 +346,34 @@ class Connection:
 
         self._close_reason = ""
         self.manager.connect_gate(exchange, self._stop)
-        self.app = FastWebSocketApp(self.url, on_open=on_open, on_message=on_message,
-                                    on_error=on_error, on_close=on_close,
-                                    on_ping=on_liveness, on_pong=on_liveness)
-        self.app.before_wait = hand_over
+        reader = Reader(on_message, before_wait=hand_over, on_ping=on_liveness, on_pong=on_liveness,
+                        name=self.name)
+        self._reader, self.ws = reader, reader.ws      # close() may stop it from now on
         if self._stop.is_set():
             return
-        self.app.run_forever(**RUN_OPTIONS)
-        hand_over()
-        if self.connected:   # on_close not called (failed handshake path)
-            on_close(None, None, self._close_reason)
+        try:
+            # a peer that accepts TCP and never answers the handshake must not hold the thread
+            # for ever: the handshake gets stale_timeout, then the socket blocks again (reads
+            # wait without a timer; liveness is the watchdog's job)
+            reader.connect(url, timeout=self.manager.settings.stale_timeout)
+            reader.ws.settimeout(None)
+        except Exception as e:  # noqa: BLE001 - refused, unreachable, a bad handshake: reconnect
+            self._close_reason = self._close_reason or repr(e)
+        else:
+            try:
+                on_open(reader.ws)
+            except Exception as e:  # noqa: BLE001 - as any callback: logged, the socket goes on
+                log.error("ws_callback_error", extra={"exchange": exchange, "conn": self.name,
+                                                      "error": repr(e)})
+            try:
+                reader.run()                   # closes the socket however it ends
+            except Exception as e:  # noqa: BLE001 - hand_over or a bug: this socket ends, the loop goes on
+                log.error("ws_thread_error", extra={"exchange": exchange, "conn": self.name,
+                                                    "error": repr(e)})
+                self._close_reason = self._close_reason or repr(e)
+            if not self._close_reason:
+                self._close_reason = reader.error or f"closed by the server ({reader.close_code})"
+        on_close(reader.close_code, reader.close_reason)     # also after a failed handshake
         if not self.connects and self._close_reason:
             log.warning("ws_connect_failed", extra={"exchange": exchange, "conn": self.name,
                                                    "url": url.split("?")[0], "reason": self._close_reason})
@@ -424,9 +382,9 @@ class Connection:
         """Sends what the book says is due (first round, split batches, retries) while this
         socket is open; paced by the exchange's SUBSCRIBE_INTERVAL_S."""
         pause = self.adapter.SUBSCRIBE_INTERVAL_S
-        while not self._stop.is_set() and self.connected and self.app is ws and self.book is book:
+        while not self._stop.is_set() and self.connected and self.ws is ws and self.book is book:
             for text, _rid, _keys in book.take_due(time.time()):
-                if self._stop.is_set() or not self.connected or self.app is not ws:
+                if self._stop.is_set() or not self.connected or self.ws is not ws:
                     return
                 try:
                     ws.send(text)
@@ -479,12 +437,12 @@ class Connection:
         if not keep.kind or not self.connected or now - self.last_ping < interval:
             return
         self.last_ping = now
-        app = self.app
+        ws = self.ws
         try:
             if keep.kind == "protocol":
-                app.sock.ping(keep.payload)
+                ws.ping(keep.payload)
             else:
-                app.send(keep.payload)
+                ws.send(keep.payload)
         except Exception:  # noqa: BLE001 - a dead socket is found by the stale check
             pass
 
@@ -563,7 +521,7 @@ class Manager:
 
     def connect_gate(self, exchange: str, stop: threading.Event) -> None:
         """Space new connections per exchange (OKX: 3 per second per IP; Bybit: 500 per 5 min)."""
-        interval = getattr(self.adapters[exchange], "CONNECT_INTERVAL_S", 0.0)
+        interval = self.adapters[exchange].CONNECT_INTERVAL_S
         if not interval:
             return
         with self._gate_lock:
@@ -616,10 +574,10 @@ class Manager:
             book = c.book
             if book is not None:
                 book.remove(st.key for st in gone)
-            if c.connected and c.app is not None:
+            if c.connected and c.ws is not None:
                 for text, _rid, _keys in c.adapter.unsubscribe_messages(gone, self.next_request_id(len(gone))):
                     try:
-                        c.app.send(text)
+                        c.ws.send(text)
                     except Exception:  # noqa: BLE001 - a reconnect uses the new plan anyway
                         break
                     time.sleep(c.adapter.SUBSCRIBE_INTERVAL_S)

@@ -12,11 +12,12 @@ Phases (each figure is measured in this run, on this machine, so ratios compare 
 the 1-minute load average is printed with every step because other processes share the CPUs):
  1. server: the firehose into a raw socket sink (no framing): how fast frames can be sent.
  2. ceiling: the bare WebSocketApp the issue's targets are set against: websocket-client
-    parsing every frame, with the collector's socket configuration (app.feed's buffered reads,
-    no UTF-8 validation) and a no-op on_message, same connections as the collector. And the
-    reader's own limit: the same with app.feed's data-frame path (whole data frames straight
-    from the read buffer to on_message), which the collector uses; it is ~10 x the first, so
-    it also checks the firehose. Reference rates are the median of REFERENCE_RUNS windows.
+    parsing every frame, with buffered 64 KiB reads and no UTF-8 validation (bench/clients.py
+    `--reader frames`) and a no-op on_message, same connections as the collector. And the
+    reader's own limit: the collector's reading (app.feed.Reader: the raw socket decoded by
+    app/wsframes.py, whole data frames straight from the read buffer to on_message); it is
+    ~10 x the first, so it also checks the firehose. Reference rates are the median of
+    REFERENCE_RUNS windows.
  3. e2e: the collector on one exchange. Ramp (x1.25) then bisect the firehose rate; a step
     passes when, over `--step` seconds, the collector dropped nothing, the firehose sent the
     whole target (>= 97 %: no TCP back-pressure, the sockets kept up) and the writer kept up
@@ -487,7 +488,8 @@ def main(argv=None) -> int:
     p.add_argument("--skip-three", action="store_true", help="no three-exchange phases")
     p.add_argument("--skip-per-process", action="store_true", help="no one-process-per-exchange phase")
     p.add_argument("--readers", action="store_true", help="only compare socket readers: raw sink, "
-                   "websocket-client's own reading, feed.py's buffered reading (no-op callbacks)")
+                   "websocket-client's own reading, the same from buffered reads, feed.py's "
+                   "reading (no-op callbacks)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (Parquet, logs)")
     p.add_argument("--workdir", help="default: a new temporary directory")
     args = p.parse_args(argv)
@@ -517,8 +519,8 @@ def main(argv=None) -> int:
         try:
             for name, mode, reader in (("raw socket sink", "raw", "feed"),
                                        ("websocket-client reading (no buffer, select per frame)", "noop", "plain"),
-                                       ("feed.py buffered reads, websocket-client frame parsing", "noop", "frames"),
-                                       ("feed.py reading (data frames direct)", "noop", "feed")):
+                                       ("buffered reads, websocket-client frame parsing", "noop", "frames"),
+                                       ("feed.py reading (app/wsframes.py decoder)", "noop", "feed")):
                 r = reference(fh, single, mode, ref_s, reader, runs=ref_runs)
                 result[name] = r["frames_per_s"]
                 say(f"{name}: {r['frames_per_s']:,} frames/s ({r['connections']} connections, cpu {r['cpu_pct']}%)")
@@ -538,7 +540,7 @@ def main(argv=None) -> int:
             f"(median of {ceiling['runs']}), cpu {ceiling['cpu_pct']}%")
         reader = reference(fh, single, "noop", ref_s, runs=ref_runs)
         rceil = reader["frames_per_s"]
-        say(f"reader limit (the collector's reading: feed.py's data-frame path, no-op callback): "
+        say(f"reader limit (the collector's reading: feed.Reader, app/wsframes.py, no-op callback): "
             f"{rceil:,} frames/s (median of {reader['runs']}), cpu {reader['cpu_pct']}%")
         say(f"e2e ({args.exchange}, one collector process):")
         e2e = search(fh, single, [single], workdir, "e2e", 2000 if args.smoke else 0.6 * ceil, args)

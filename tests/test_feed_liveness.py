@@ -152,14 +152,15 @@ def test_reconnect_backoff_grows_is_capped_and_jittered(tmp_path, rest_sim):
 def test_stop_survives_the_socket_thread_tearing_the_socket_down(tmp_path, monkeypatch):
     """The SIGTERM path (Manager.stop -> Connection.close without abort) sends a close frame and
     then shuts the socket down. A server that closes the TCP connection as soon as it reads the
-    close frame makes websocket-client's socket thread tear the socket down meanwhile
-    (WebSocket.sock = None). Seen on its own in about 1 of 8 SIGTERMs of bin/collector against such
-    a server; here that interleaving is made certain by letting the socket thread finish its
-    teardown before send_close returns to the stopping thread."""
+    close frame makes the socket thread end its read and tear the socket down meanwhile
+    (WebSocket.shutdown(): the socket closed, WebSocket.sock = None). Seen on its own in about
+    1 of 8 SIGTERMs of bin/collector against such a server; here that interleaving is made
+    certain by letting the socket thread finish its teardown before send_close returns to the
+    stopping thread, and the test checks that it happened."""
     import websocket
 
     from app import feed, settings as settings_mod
-    from app.exchanges import ConnectionPlan, Stream, load
+    from app.exchanges import ConnectionPlan, Stream, create
     from app.handoff import FrameQueue
     from app.state import State
 
@@ -172,6 +173,7 @@ def test_stop_survives_the_socket_thread_tearing_the_socket_down(tmp_path, monke
     srv = WsServer(closes_after_close_frame)
     real_send_close = websocket.WebSocket.send_close
     stopper = threading.current_thread()
+    torn_down_first = []
 
     def send_close(self, *a, **kw):
         real_send_close(self, *a, **kw)
@@ -179,17 +181,52 @@ def test_stop_survives_the_socket_thread_tearing_the_socket_down(tmp_path, monke
             deadline = time.monotonic() + 5
             while self.sock is not None and time.monotonic() < deadline:
                 time.sleep(0.005)     # polling for the condition (the socket thread's teardown)
+            torn_down_first.append(self.sock is None)
     with srv:
         s = settings_mod.load(None, environ={}, dotenv_path=str(tmp_path / ".env")).replace(
             exchanges=["binance"], binance_ws_url=srv.url, data_dir=str(tmp_path))
         q = FrameQueue()
         state = State(exchanges=["binance"], queue=q)
-        m = feed.Manager(s, {"binance": load("binance")}, q, state, {})
+        m = feed.Manager(s, {"binance": create("binance")}, q, state, {})
         m.start([ConnectionPlan("binance", "/public", [
             Stream("btcusdt@bookTicker", "BTCUSDT", "bookTicker", ("bbo",), "/public")])])
         wait_until(lambda: m.connections and m.connections[0].connected, 10, what="connected")
         monkeypatch.setattr(websocket.WebSocket, "send_close", send_close)
-        m.stop()
+        m.stop()                                  # must not raise on the torn-down socket
         for c in m.connections:
             c.join(5)
-            assert not c.connected
+            assert not c._thread.is_alive() and not c.connected
+    assert torn_down_first == [True], "the interleaving under test did not happen"
+
+
+def test_a_handshake_that_never_comes_is_given_up_and_retried(tmp_path, rest_sim):
+    """A peer that accepts TCP and never answers the HTTP upgrade: before, the connection thread
+    waited in the handshake for ever (the stale check only watches connected sockets)."""
+    import socket
+    accepted = []
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+
+    def accept():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            accepted.append((time.monotonic(), conn))      # held open, never answered
+    threading.Thread(target=accept, daemon=True).start()
+    url = f"ws://127.0.0.1:{srv.getsockname()[1]}"
+    try:
+        with collector(tmp_path, rest_sim, url, stale_timeout=1.0, reconnect_min=0.1,
+                       reconnect_max=0.2) as c:
+            wait_until(lambda: len(accepted) >= 3, 20, what="three handshake attempts")
+            fails = c.wait_for("ws_connect_failed", count=2, timeout=10)
+            assert all("timed out" in l["reason"].lower() for l in fails), fails
+            gaps = [b[0] - a[0] for a, b in zip(accepted, accepted[1:])]
+            assert all(g >= 0.9 for g in gaps[:2]), gaps              # each waited its timeout
+            assert c.stop() == 0
+    finally:
+        srv.close()
+        for _t, conn in accepted:
+            conn.close()

@@ -1,27 +1,33 @@
-"""app.feed's socket reading against a real server on loopback: the direct data-frame path must
-hand on_message exactly what websocket-client's own frame parsing hands it, on any byte stream.
+"""app.feed's socket reading against real servers on loopback: `feed.Reader` (websocket-client's
+handshake and sends, the raw socket read and decoded by app/wsframes.py) must hand on_message
+exactly what websocket-client's own reading hands it, on any byte stream, over TCP and TLS.
 
-Why: `_BufferedReader.data_frames` parses WebSocket frame headers itself (the hot path of every
-socket thread). A server here sends one crafted stream (every length encoding, empty and large
-payloads, a ping to answer, a fragmented message, a masked frame, a frame with an RSV bit) cut
-into pieces at awkward places; the collector's reader and the library's own must agree.
+Why: the collector parses WebSocket frames itself (the hot path of every socket thread). A
+server here sends one crafted stream (every length encoding, empty and large payloads, a ping to
+answer, a fragmented message with a ping between its fragments, many small frames per read) cut
+into pieces at awkward places; our reader and the library's must agree, and our replies (pong,
+close) must reach the server. Where we are stricter than websocket-client (a masked frame from a
+server, RFC 6455 5.1), the test says so.
 """
-import base64
+from __future__ import annotations
+
 import gc
-import hashlib
+import logging
 import os
-import socket
+import ssl
 import struct
 import threading
+import time
 
 import pytest
+import websocket
 
-from app import feed
+from app import feed, wsframes
+from tests.helpers import wait_until
+from tests.wsserver import BINARY, CLOSE, PING, PONG, TEXT, WsServer, self_signed_context
 
-GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
-
-def frame(payload: bytes, opcode: int = 1, fin: bool = True, rsv: int = 0, mask: bytes | None = None) -> bytes:
+def frame(payload: bytes, opcode: int = TEXT, fin: bool = True, rsv: int = 0, mask: bytes | None = None) -> bytes:
     head = (0x80 if fin else 0) | rsv << 4 | opcode
     n = len(payload)
     m = 0x80 if mask else 0
@@ -44,99 +50,87 @@ def data_stream() -> tuple[bytes, list[bytes]]:
             for i, s in enumerate(sizes)]
     out, expected = [], []
     for i, m in enumerate(msgs):
-        out.append(frame(m, opcode=2 if i == 3 else 1))
+        out.append(frame(m, opcode=BINARY if i == 3 else TEXT))
         expected.append(m)
         if i == 2:
-            out.append(frame(b"are you there", opcode=9))        # ping: the library answers
+            out.append(frame(b"are you there", opcode=PING))     # both readers answer it
         if i == 5:                                                 # a message in three fragments
-            out += [frame(b'{"part":', fin=False), frame(b'"one",', opcode=0, fin=False),
-                    frame(b'"two"}', opcode=0)]
+            out += [frame(b'{"part":', fin=False), frame(b"", opcode=PONG),
+                    frame(b'"one",', opcode=0, fin=False), frame(b'"two"}', opcode=0)]
             expected.append(b'{"part":"one","two"}')
-        if i == 7:
-            out.append(frame(b'{"masked":true}', mask=b"\x01\x02\x03\x04"))   # servers must not, but may
-            expected.append(b'{"masked":true}')
     out += [frame(b"%d" % i) for i in range(2000)]                 # many small frames per read
     expected += [b"%d" % i for i in range(2000)]
     return b"".join(out), expected
 
 
-def closing_frame_in(data: bytes) -> bool:
-    """True if the client's frames (masked, short) in data include a close frame."""
-    pos = 0
-    while pos + 6 <= len(data):
-        if data[pos] & 0x0F == 8:
-            return True
-        pos += 6 + (data[pos + 1] & 0x7F)
-    return False
+CLOSE_FRAME = frame(struct.pack("!H", 1000) + b"bye", opcode=CLOSE)
 
 
-def serve_once(stream: bytes, cuts: list[int], tail: bytes, got_from_client: list) -> tuple[str, threading.Thread]:
-    """A one-connection WebSocket server: handshake, then `stream` in pieces split at `cuts`,
-    then `tail`; it records what the client sends (the pong, the close reply)."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
-
-    def run():
-        conn, _ = srv.accept()
-        srv.close()
-        req = b""
-        while b"\r\n\r\n" not in req:
-            req += conn.recv(4096)
-        key = [line.split(b":", 1)[1].strip() for line in req.split(b"\r\n")
-               if line.lower().startswith(b"sec-websocket-key")][0]
-        accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
-        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+def serving(stream: bytes, cuts: list[int], tail: bytes, from_client: list, tls=None,
+            hang_up: bool = False) -> WsServer:
+    """A server that sends `stream` in pieces split at `cuts` (a short pause between pieces, so
+    they arrive as separate reads), then `tail`, and records the client's frames (opcode,
+    payload) until the client's close frame or the end of the connection (`hang_up`: closes the
+    TCP connection after `tail` instead)."""
+    def handle(conn):
+        conn.handshake()
         last = 0
-        for c in cuts + [len(stream)]:
-            conn.sendall(stream[last:c])
+        for i, c in enumerate(cuts + [len(stream)]):
+            conn.sock.sendall(stream[last:c])
             last = c
-        conn.sendall(tail)
-        conn.settimeout(5)
-        try:          # until the client's close frame (websocket-client leaves its socket to the GC)
-            while not closing_frame_in(b"".join(got_from_client)):
-                data = conn.recv(65536)
-                if not data:
-                    break
-                got_from_client.append(data)
-        except OSError:
-            pass
-        conn.close()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    return f"ws://127.0.0.1:{srv.getsockname()[1]}/", t
+            if i % 50 == 0:
+                time.sleep(0.001)
+        conn.sock.sendall(tail)
+        if hang_up:
+            return
+        conn.sock.settimeout(10)
+        while (fr := conn.recv_frame()) is not None:
+            from_client.append(fr)
+            if fr[0] == CLOSE:
+                return
+    return WsServer(handle, tls=tls)
 
 
-def read_all(stream: bytes, cuts: list[int], tail: bytes, data_frames: bool):
-    got, pings, closes, errors, waits, sent = [], [], [], [], [0], []
-    url, server = serve_once(stream, cuts, tail, sent)
-
-    class App(feed.FastWebSocketApp):
-        pass
-    App.data_frames = data_frames
-    app = App(url, on_message=lambda _ws, m: got.append(m), on_ping=lambda _ws, d: pings.append(d),
-              on_close=lambda _ws, code, reason: closes.append(code),
-              on_error=lambda _ws, e: errors.append(e))
-    app.before_wait = lambda: waits.__setitem__(0, waits[0] + 1)
-    runner = threading.Thread(target=app.run_forever, kwargs=feed.RUN_OPTIONS, daemon=True)
-    runner.start()
-    runner.join(20)
-    assert not runner.is_alive(), "the reader did not finish"
-    server.join(10)
-    return got, pings, closes, errors, waits[0], b"".join(sent)
-
-
-CLOSE = frame(struct.pack("!H", 1000) + b"bye", opcode=8)
+def ours(stream, cuts, tail, tls=None, **kw):
+    """feed.Reader, as Connection runs it."""
+    got, pings, pongs, sent, waits = [], [], [], [], [0]
+    with serving(stream, cuts, tail, sent, tls) as srv:
+        r = feed.Reader(got.append, on_ping=pings.append, on_pong=pongs.append,
+                        before_wait=lambda: waits.__setitem__(0, waits[0] + 1),
+                        sslopt={"cert_reqs": ssl.CERT_NONE} if tls else None, **kw)
+        r.connect(srv.url)
+        runner = threading.Thread(target=r.run, daemon=True)
+        runner.start()
+        runner.join(20)
+        assert not runner.is_alive(), "the reader did not finish"
+        wait_until(lambda: sent and sent[-1][0] == CLOSE, 5, what="the client's close frame")
+        assert srv.errors == []
+    assert r.ws.sock is None                      # run() closed its socket
+    return {"got": got, "pings": pings, "pongs": pongs, "code": r.close_code, "reason": r.close_reason,
+            "error": r.error, "sent": sent, "waits": waits[0]}
 
 
-@pytest.mark.parametrize("cuts", [[], "every_7", "headers"], ids=["whole", "every_7_bytes", "inside_headers"])
-def test_direct_path_matches_websocket_client(cuts):
-    stream, expected = data_stream()
-    if cuts == "every_7":
-        cuts = list(range(7, len(stream), 7))[:3000] + list(range(21007, len(stream), 4093))
-    elif cuts == "headers":          # inside the 2-, 4- and 10-byte headers of the big frames
+def library(stream, cuts, tail):
+    """websocket-client's own reading (WebSocketApp), no UTF-8 validation: the reference."""
+    got, pings, closes, errors, sent = [], [], [], [], []
+    with serving(stream, cuts, tail, sent) as srv:
+        app = websocket.WebSocketApp(srv.url, on_message=lambda _ws, m: got.append(m),
+                                     on_ping=lambda _ws, d: pings.append(d),
+                                     on_close=lambda _ws, code, reason: closes.append(code),
+                                     on_error=lambda _ws, e: errors.append(e))
+        runner = threading.Thread(target=app.run_forever, daemon=True,
+                                  kwargs={"skip_utf8_validation": True, "ping_interval": 0, "reconnect": 0})
+        runner.start()
+        runner.join(20)
+        assert not runner.is_alive(), "websocket-client did not finish"
+        time.sleep(0.1)
+    return {"got": got, "pings": pings, "closes": closes, "errors": errors, "sent": sent}
+
+
+def cut_points(stream: bytes, how) -> list[int]:
+    if how == "every_7":
+        return list(range(7, len(stream), 7))[:3000] + list(range(21007, len(stream), 4093))
+    if how == "headers":          # inside the 2-, 4- and 10-byte headers of the first 40 frames
         starts, pos = [], 0
         while pos < len(stream):
             n = stream[pos + 1] & 0x7F
@@ -145,87 +139,217 @@ def test_direct_path_matches_websocket_client(cuts):
                 struct.unpack("!Q", stream[pos + 2:pos + 10])[0] if n == 127 else n
             starts.append(pos)
             pos += hl + size
-        cuts = sorted({s + k for s in starts[:40] for k in (1, 3, 5)} - {0})
-    direct = read_all(stream, cuts, CLOSE, data_frames=True)
-    library = read_all(stream, cuts, CLOSE, data_frames=False)
-    got, pings, closes, errors, waits, sent = direct
-    assert got == expected
-    assert got == library[0]
-    assert pings == library[1] == [b"are you there"]
-    assert closes == library[2] == [1000]
-    assert waits > 0
-    # the client answered the ping (pong, opcode 0xA, masked) and the close (0x88), both paths
-    for client_bytes in (sent, library[5]):
-        assert client_bytes[0] == 0x8A and client_bytes[1] == 0x80 | 13
-        assert 0x88 in (client_bytes[6 + 13],)
+        return sorted({s + k for s in starts[:40] for k in (1, 3, 5, 9)} - {0})
+    return []
 
 
-def test_rsv_bit_is_refused_as_websocket_client_refuses_it():
-    """A frame with an RSV bit (no extension was negotiated) ends the connection with the
-    library's protocol error on both paths; the frames before it are delivered."""
+@pytest.mark.parametrize("cuts", ["whole", "every_7", "headers"], ids=["whole", "every_7_bytes", "inside_headers"])
+def test_reader_matches_websocket_client(cuts):
+    stream, expected = data_stream()
+    cuts = cut_points(stream, cuts)
+    mine, theirs = ours(stream, cuts, CLOSE_FRAME), library(stream, cuts, CLOSE_FRAME)
+    assert mine["got"] == expected
+    assert theirs["got"] == expected
+    assert mine["pings"] == theirs["pings"] == [b"are you there"]
+    assert mine["pongs"] == [b""]
+    assert (mine["code"], mine["reason"], mine["error"]) == (1000, "bye", None)
+    assert theirs["closes"] == [1000]
+    assert mine["waits"] > 0
+    # both answered the ping (a pong with its payload) and the close (code 1000), in that order
+    for sent in (mine["sent"], theirs["sent"]):
+        assert sent[0] == (PONG, b"are you there")
+        assert sent[-1][0] == CLOSE and sent[-1][1][:2] == struct.pack("!H", 1000)
+
+
+def test_reader_over_tls(tmp_path):
+    """wss://: ws.sock is an SSLSocket. Frames split across TLS records, and a last frame after
+    which the server sends nothing until the client answers: a reader that waited for the socket
+    while decrypted bytes sat in the TLS layer would never answer the ping."""
+    stream, expected = data_stream()
+    tail = frame(b"last") + frame(b"tls?", opcode=PING)
+    mine = ours(stream, cut_points(stream, "every_7")[:400], tail + CLOSE_FRAME, tls=self_signed_context(tmp_path))
+    assert mine["got"] == expected + [b"last"]
+    assert mine["pings"] == [b"are you there", b"tls?"]
+    assert mine["code"] == 1000
+    assert [op for op, _ in mine["sent"]] == [PONG, PONG, CLOSE]
+
+
+def test_tls_data_in_the_tls_layer_is_not_stranded(tmp_path):
+    """The server sends a burst in one TLS write, then waits for the client to answer a ping that
+    comes last; only then does it close. Every message must arrive before the server moves on."""
+    answered = threading.Event()
+    msgs = [b'{"n":%d,"pad":"%s"}' % (i, b"p" * (i % 300)) for i in range(3000)]
+    burst = b"".join(frame(m) for m in msgs) + frame(b"end?", opcode=PING)
+
+    def handle(conn):
+        conn.handshake()
+        conn.sock.sendall(burst)
+        conn.sock.settimeout(10)
+        fr = conn.recv_frame()
+        if fr == (PONG, b"end?"):
+            answered.set()
+        conn.send(struct.pack("!H", 1000), CLOSE)
+        conn.recv_frame()
+    got = []
+    with WsServer(handle, tls=self_signed_context(tmp_path)) as srv:
+        r = feed.Reader(got.append, sslopt={"cert_reqs": ssl.CERT_NONE})
+        r.connect(srv.url)
+        assert isinstance(r.ws.sock, ssl.SSLSocket)
+        t = threading.Thread(target=r.run, daemon=True)
+        t.start()
+        assert answered.wait(10), "the ping after the burst was not answered"
+        t.join(10)
+        assert not t.is_alive() and srv.errors == []
+    assert got == msgs and r.close_code == 1000
+
+
+# ---- protocol errors: the close code goes to the server ---------------------------------------------
+
+def test_rsv_bit_is_refused_with_1002_as_websocket_client_refuses_it():
+    """A frame with an RSV bit (no extension was negotiated) ends the connection on both readers;
+    the frames before it are delivered; ours tells the server why (close 1002)."""
     stream = frame(b'{"a":1}') + frame(b'{"b":2}', rsv=4) + frame(b'{"c":3}')
-    direct = read_all(stream, [], b"", data_frames=True)
-    library = read_all(stream, [], b"", data_frames=False)
-    assert direct[0] == library[0] == [b'{"a":1}']
-    assert [type(e).__name__ for e in direct[3]] == [type(e).__name__ for e in library[3]]
-    assert "rsv" in repr(direct[3][0]).lower()
+    mine, theirs = ours(stream, [], b""), library(stream, [], b"")
+    assert mine["got"] == theirs["got"] == [b'{"a":1}']
+    assert [type(e).__name__ for e in theirs["errors"]] == ["WebSocketProtocolException"]
+    assert mine["code"] is None and "1002" in mine["error"] and "RSV" in mine["error"]
+    assert mine["sent"][-1][0] == CLOSE and mine["sent"][-1][1][:2] == struct.pack("!H", 1002)
 
+
+def test_a_masked_server_frame_is_refused_with_1002():
+    """RFC 6455 5.1: a client must close on a masked frame from a server. websocket-client
+    accepts one; we do not (no exchange sends them)."""
+    stream = frame(b'{"a":1}') + frame(b'{"masked":true}', mask=b"\x01\x02\x03\x04") + frame(b'{"c":3}')
+    mine = ours(stream, [], b"")
+    assert mine["got"] == [b'{"a":1}']
+    assert mine["sent"][-1] == (CLOSE, struct.pack("!H", 1002) + b"masked frame from the server")
+    assert library(stream, [], CLOSE_FRAME)["got"] == [b'{"a":1}', b'{"masked":true}', b'{"c":3}']
+
+
+def test_a_message_over_max_size_is_refused_with_1009():
+    stream = frame(b"small") + frame(b"x" * 5000) + frame(b"never")
+    mine = ours(stream, [], b"", max_size=4096)
+    assert mine["got"] == [b"small"]
+    assert mine["sent"][-1][0] == CLOSE and mine["sent"][-1][1][:2] == struct.pack("!H", 1009)
+
+
+@pytest.mark.parametrize("body,code,reason", [(b"", 1005, ""), (struct.pack("!H", 4000) + b"later", 4000, "later")])
+def test_server_close_codes_are_reported_and_answered(body, code, reason):
+    mine = ours(frame(b"a"), [], frame(body, opcode=CLOSE))
+    assert (mine["code"], mine["reason"], mine["got"]) == (code, reason, [b"a"])
+    echo = 1000 if code == 1005 else code            # no code: answered as a normal close
+    assert mine["sent"] == [(CLOSE, struct.pack("!H", echo))]
+
+
+# ---- callbacks, stop(), sockets ---------------------------------------------------------------------
 
 def test_a_raising_callback_does_not_stop_the_reader():
-    """As websocket-client's _callback: the error goes to on_error, reading goes on."""
-    stream = b"".join(frame(b"%d" % i) for i in range(10))
-    url, server = serve_once(stream, [], CLOSE, [])
-    got, errors = [], []
+    records = []
 
-    def on_message(_ws, m):
-        if m == b"3":
-            raise ValueError("boom")
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+    logger = logging.getLogger("collector")
+    handler = Keep(level=logging.ERROR)
+    logger.addHandler(handler)
+    got = []
+
+    def on_message(m):
+        if m in (b"3", b"7"):
+            raise ValueError("boom " + m.decode())
         got.append(m)
-    app = feed.FastWebSocketApp(url, on_message=on_message, on_error=lambda _ws, e: errors.append(e))
-    runner = threading.Thread(target=app.run_forever, kwargs=feed.RUN_OPTIONS, daemon=True)
-    runner.start()
-    runner.join(10)
-    server.join(10)
-    assert got == [b"%d" % i for i in range(10) if i != 3]
-    assert [str(e) for e in errors if isinstance(e, ValueError)] == ["boom"]
+    try:
+        with serving(b"".join(frame(b"%d" % i) for i in range(10)), [], CLOSE_FRAME, []) as srv:
+            r = feed.Reader(on_message, name="raising-callback-test")
+            r.connect(srv.url)
+            r.run()
+    finally:
+        logger.removeHandler(handler)
+    assert got == [b"%d" % i for i in range(10) if i not in (3, 7)]
+    assert r.close_code == 1000
+    errors = [rec for rec in records if rec.getMessage() == "ws_callback_error"]
+    assert errors and "boom 3" in errors[0].error      # logged (rate limited: the second may be folded)
+
+
+def test_stop_from_another_thread_ends_a_blocked_read_with_a_close_frame():
+    sent = []
+    with serving(frame(b"hello"), [], b"", sent) as srv:      # then nothing: the reader blocks
+        got = []
+        r = feed.Reader(got.append)
+        r.connect(srv.url)
+        t = threading.Thread(target=r.run, daemon=True)
+        t.start()
+        wait_until(lambda: got == [b"hello"], 5, what="the first message")
+        r.stop("stop")
+        t.join(5)
+        assert not t.is_alive()
+        wait_until(lambda: sent, 5, what="the close frame at the server")
+    assert sent == [(CLOSE, struct.pack("!H", 1000) + b"stop")]
+    assert r.ws.sock is None and r.close_code is None and r.error == "stopped"
+
+
+def test_stop_before_the_handshake_and_without_a_socket():
+    r = feed.Reader(lambda m: None)
+    r.stop("early")                        # nothing to close yet: a no-op
+    r.run()                                # never connected: returns at once
+    assert r.error == "not connected"
+    with serving(frame(b"x"), [], b"", []) as srv:
+        r = feed.Reader(lambda m: None)
+        r.stop(None)                       # stopped before connecting: run() reads nothing
+        r.connect(srv.url)
+        r.run()
+    assert r.ws.sock is None
 
 
 def test_a_finished_connection_closes_its_socket():
-    """websocket-client leaves a closed connection's socket to the cyclic GC (its WebSocket is
-    in a reference cycle); FastWebSocketApp closes it when run_forever returns."""
+    """Every way a reader ends closes its socket at once (websocket-client leaves a closed
+    connection's socket to the cyclic GC): a server's close frame, a protocol error, the
+    connection dropped, stop(), a refused handshake."""
     def open_fds():
         return len(os.listdir("/proc/self/fd"))
+
+    def refuse(conn):
+        conn.refuse()
     gc.disable()
     try:
         before = open_fds()
-        for _ in range(5):
-            url, server = serve_once(frame(b"x"), [], CLOSE, [])
-            feed.FastWebSocketApp(url, on_message=lambda *_: None).run_forever(**feed.RUN_OPTIONS)
-            server.join(10)
+        for tail in (CLOSE_FRAME, frame(b"x", rsv=2), b""):
+            for _ in range(3):
+                with serving(frame(b"x"), [], tail, [], hang_up=not tail) as srv:
+                    r = feed.Reader(lambda m: None)
+                    r.connect(srv.url)
+                    r.run()
+        with serving(b"", [], b"", []) as srv:
+            r = feed.Reader(lambda m: None)
+            r.connect(srv.url)
+            t = threading.Thread(target=r.run, daemon=True)
+            t.start()
+            r.stop(None)
+            t.join(5)
+        with WsServer(refuse) as srv:
+            r = feed.Reader(lambda m: None)
+            with pytest.raises(websocket.WebSocketException):
+                r.connect(srv.url)
+        time.sleep(0.05)
         assert open_fds() == before
     finally:
         gc.enable()
 
 
-# ---- production uses the fast path -------------------------------------------------------------------
+# ---- production uses this path -----------------------------------------------------------------------
 
-def test_connections_read_data_frames_without_websocket_clients_per_frame_parsing(tmp_path, monkeypatch):
+def test_connections_decode_with_wsframes_not_websocket_clients_reading(tmp_path, monkeypatch):
     """What the collector's connections run (app.feed Manager -> Connection, against a real server
-    on loopback) must not hand data frames to websocket-client's per-frame reading: its
-    `WebSocket.recv_data_frame` / `frame_buffer.recv_frame` (~4 us of Python per frame, the socket
-    thread's whole budget) may see the control frames only. A silent fall-back to the library's
-    path would still deliver every frame, so only counting its calls shows it. Written against
-    observable behaviour (frames in the queue, calls into websocket-client), not feed.py's own
+    on loopback) must decode every frame with app/wsframes.py's Decoder and never call
+    websocket-client's reading (`WebSocket.recv*`: ~4 us of Python per frame, the socket thread's
+    whole budget). A silent fall-back to the library's reading would still deliver every frame,
+    so only counting calls shows it. Written against observable behaviour (frames in the queue,
+    calls into the decoder and websocket-client's public WebSocket methods), not feed.py's own
     names, so that it keeps guarding a rewrite of the reader."""
-    import websocket
-    from websocket import _abnf, _core
-
     from app import settings as settings_mod
-    from app.exchanges import ConnectionPlan, Stream, load
+    from app.exchanges import ConnectionPlan, Stream, create
     from app.handoff import FrameQueue
     from app.state import State
-    from tests.helpers import wait_until
-    from tests.wsserver import PING, WsServer
     from tests.wsserver import frame as server_frame
 
     n = 5000
@@ -233,38 +357,53 @@ def test_connections_read_data_frames_without_websocket_clients_per_frame_parsin
                 for i in range(n)]
     burst = b"".join(server_frame(p) if i not in (1000, 4000) else server_frame(b"hi", PING) + server_frame(p)
                      for i, p in enumerate(payloads))
+    pongs = []
 
     def serve(conn):
         conn.handshake()
         conn.sock.sendall(burst)
-        while conn.recv_frame() is not None:    # pongs, the close frame: until the client shuts down
-            pass
+        while (fr := conn.recv_frame()) is not None:   # pongs, the close frame: until the client shuts down
+            if fr[0] == PONG:
+                pongs.append(fr[1])
 
-    calls = {"recv_data_frame": 0, "recv_frame": 0}
+    calls = {"recv": 0, "recv_data": 0, "recv_data_frame": 0, "recv_frame": 0}
 
-    def counting(cls, name):
-        real = getattr(cls, name)
+    def counting(name):
+        real = getattr(websocket.WebSocket, name)
 
         def wrapper(self, *a, **kw):
             calls[name] += 1
             return real(self, *a, **kw)
-        monkeypatch.setattr(cls, name, wrapper)
-    counting(_core.WebSocket, "recv_data_frame")
-    counting(_abnf.frame_buffer, "recv_frame")
+        monkeypatch.setattr(websocket.WebSocket, name, wrapper)
+    for name in calls:
+        counting(name)
+    decoded = {"calls": 0, "messages": 0}
+    real_deliver = wsframes.Decoder.deliver
+
+    def deliver(self, on_text, on_binary=None):
+        decoded["calls"] += 1
+
+        def count(m):
+            decoded["messages"] += 1
+            on_text(m)
+        return real_deliver(self, count, on_binary)
+    monkeypatch.setattr(wsframes.Decoder, "deliver", deliver)
 
     with WsServer(serve) as srv:
         # the instrument works: websocket-client's own reading goes through these per frame
         ws = websocket.create_connection(srv.url + "/public/stream", timeout=10)
         assert [ws.recv() for _ in range(50)] == [p.decode() for p in payloads[:50]]
-        ws.shutdown()
-        assert calls["recv_frame"] >= 50 and calls["recv_data_frame"] >= 50
-        calls.update(recv_data_frame=0, recv_frame=0)
+        ws.close(timeout=0)
+        assert calls["recv"] == 50 and calls["recv_frame"] >= 50
+        for k in calls:
+            calls[k] = 0
+        pongs.clear()
 
         s = settings_mod.load(None, environ={}, dotenv_path=str(tmp_path / ".env")).replace(
             exchanges=["binance"], binance_ws_url=srv.url, data_dir=str(tmp_path))
         q = FrameQueue()
         state = State(exchanges=["binance"], queue=q)
-        m = feed.Manager(s, {"binance": load("binance")}, q, state, {})
+        m = feed.Manager(s, {"binance": create("binance")}, q, state, {})
         m.start([ConnectionPlan("binance", "/public", [
             Stream("btcusdt@bookTicker", "BTCUSDT", "bookTicker", ("bbo",), "/public")])])
         got = []
@@ -274,8 +413,11 @@ def test_connections_read_data_frames_without_websocket_clients_per_frame_parsin
                     got.extend(bytes(p) for p in batch.payloads)
                 return len(got) >= n
             wait_until(all_in, 20, interval=0.02, what=f"{n} frames in the queue")
+            wait_until(lambda: len(pongs) == 2, 5, what="both pings answered")
         finally:
             m.stop()
     assert got == payloads                       # every frame, in order, as sent
-    # the two pings (and at most a close) are all websocket-client may have read itself
-    assert calls["recv_frame"] <= 5 and calls["recv_data_frame"] <= 5, calls
+    assert pongs == [b"hi", b"hi"]
+    assert calls == {"recv": 0, "recv_data": 0, "recv_data_frame": 0, "recv_frame": 0}, calls
+    assert decoded["messages"] == n               # every message through app/wsframes.py
+    assert decoded["calls"] < n / 10, decoded     # per read, not per frame

@@ -6,13 +6,17 @@ RFC 6455 handshake and framing written out here so a test controls every byte.
     srv = WsServer(handler).start()     # handler(conn: ServerConn) runs per accepted socket
     srv.url                             # ws://127.0.0.1:<port>
     srv.stop()
+
+    WsServer(handler, tls=self_signed_context(tmp_path))   # wss://127.0.0.1:<port>
 """
 from __future__ import annotations
 
 import base64
 import contextlib
 import hashlib
+import os
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -117,15 +121,43 @@ class ServerConn:
             self.sock.close()
 
 
+def self_signed_context(directory) -> ssl.SSLContext:
+    """A server-side TLS context with a fresh self-signed certificate for 127.0.0.1 (clients
+    connect with sslopt={"cert_reqs": ssl.CERT_NONE})."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    cert_path, key_path = os.path.join(str(directory), "server.crt"), os.path.join(str(directory), "server.key")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert_path, key_path)
+    return ctx
+
+
 class WsServer:
-    def __init__(self, handler):
+    def __init__(self, handler, tls: ssl.SSLContext | None = None):
         self.handler = handler
+        self.tls = tls
         self._srv = socket.socket()
         self._srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._srv.bind(("127.0.0.1", 0))
         self._srv.listen(16)
         self.port = self._srv.getsockname()[1]
-        self.url = f"ws://127.0.0.1:{self.port}"
+        self.url = f"{'wss' if tls else 'ws'}://127.0.0.1:{self.port}"
         self.conns: list[ServerConn] = []
         self.errors: list[BaseException] = []
         self._lock = threading.Lock()
@@ -149,8 +181,10 @@ class WsServer:
 
     def _serve(self, conn: ServerConn) -> None:
         try:
+            if self.tls is not None:            # the TLS handshake in the connection's thread
+                conn.sock = self.tls.wrap_socket(conn.sock, server_side=True)
             self.handler(conn)
-        except (OSError, ConnectionError):
+        except (OSError, ConnectionError):      # ssl.SSLError is an OSError
             pass                                   # the client went away: its business
         except BaseException as e:  # noqa: BLE001 - a handler's bug must show in the test
             self.errors.append(e)
