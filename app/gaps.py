@@ -229,7 +229,7 @@ class GapDetector:
         self.q: queue.Queue = queue.Queue()
         self.seq: dict[tuple[str, str], SequenceTracker] = {}
         for ex, adapter in adapters.items():
-            for ds, rule in getattr(adapter, "GAP_RULES", {}).items():
+            for ds, rule in adapter.GAP_RULES.items():
                 self.seq[(ex, ds)] = SequenceTracker(ex, ds, rule)
         self.channels: dict[str, dict[str, tuple]] = {ex: {} for ex in adapters}  # ch -> (datasets, limit_s)
         self.ds_channel: dict[str, dict[str, str]] = {ex: {} for ex in adapters}
@@ -329,7 +329,7 @@ class GapDetector:
     def _trade_ids(self, exchange: str, table: pa.Table) -> tuple[list, list]:
         """(last id, first id) per row, as text: for consecutive ids the first of an OKX
         aggregation is id - count + 1; otherwise both are the trade id."""
-        rule = getattr(self.adapters[exchange], "GAP_RULES", {}).get("trades")
+        rule = self.adapters[exchange].GAP_RULES.get("trades")
         if rule is None:
             ids = table.column("trade_id").to_pylist()
             return ids, ids
@@ -343,7 +343,7 @@ class GapDetector:
                 [None if v is None else str(v) for v in first])
 
     def _trades(self, exchange: str, table: pa.Table) -> None:
-        exact = "trades" in getattr(self.adapters[exchange], "GAP_RULES", {})
+        exact = "trades" in self.adapters[exchange].GAP_RULES
         if not exact:     # UUID ids: remember the last one per symbol for the next disconnect
             for sym, (tid, ts) in _group_last(table, ["trade_id", "ts_recv"]).items():
                 self.last_trade[(exchange, sym)] = (tid, ts)
@@ -398,7 +398,7 @@ class GapDetector:
         if prev is not None:
             self._settle(prev, self.clock(), force=True)
         o = _Outage(next(self._ids), exchange, conn_name, conn_id, ts_last or ts_down, ts_down)
-        exact = "trades" in getattr(self.adapters[exchange], "GAP_RULES", {})
+        exact = "trades" in self.adapters[exchange].GAP_RULES
         for st in streams:
             h = _Hole(st)
             if "trades" in st.datasets:
@@ -488,7 +488,7 @@ class GapDetector:
     def _emit_trades(self, o: _Outage, h: _Hole) -> None:
         from app.alignment import measure
         ex, sym = o.exchange, h.stream.symbol
-        exact = "trades" in getattr(self.adapters[ex], "GAP_RULES", {})
+        exact = "trades" in self.adapters[ex].GAP_RULES
         res = o.aligned.get(sym) or {}
         rest = res.get("trades") if res.get("status") == "ok" else None
         m = measure(exact, h.last_id, h.first_id, rest)
@@ -611,11 +611,10 @@ class GapDetector:
 
 
 def build(settings, state, adapters: dict) -> GapDetector:
-    """The detector, and one alignment worker per exchange whose adapter knows how to ask for
-    the latest trade."""
+    """The detector, and one alignment worker per exchange (every adapter can ask for the latest
+    trade)."""
     from app.alignment import AlignmentWorker
     det = GapDetector(settings, state, adapters)
     for ex, adapter in adapters.items():
-        if hasattr(adapter, "alignment_request") and hasattr(adapter, "parse_recent_trades"):
-            det.workers[ex] = AlignmentWorker(ex, adapter, settings.rest_url(ex), settings, state, det.post)
+        det.workers[ex] = AlignmentWorker(ex, adapter, settings.rest_url(ex), settings, state, det.post)
     return det

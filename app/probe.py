@@ -21,7 +21,7 @@ from collections import defaultdict
 import ujson
 
 from app import discovery, logs
-from app.exchanges import FrameError, RowSink, load as load_adapter, resolve_symbols
+from app.exchanges import FrameError, RowSink, create as create_adapter, resolve_symbols
 from app.feed import Manager
 from app.handoff import FrameQueue
 from app.schema import DATASETS
@@ -85,7 +85,7 @@ class Consumer(threading.Thread):
         keys = list(sink.last_seen)
         self.seen[exchange].update(sink.last_seen)
         fields = _item_fields(payload)
-        mapped = getattr(adapter, "MAPPED_FIELDS", {})
+        mapped = adapter.MAPPED_FIELDS
         for kind, rows in sink.take().items():
             if not rows:
                 continue
@@ -120,7 +120,7 @@ def run(settings, seconds: float, out=None) -> int:
     import sys
     out = out or sys.stdout
     logs.setup("WARNING", stream=sys.stderr)
-    adapters = {name: load_adapter(name) for name in settings.exchanges}
+    adapters = {name: create_adapter(name) for name in settings.exchanges}
     q = FrameQueue(maxsize=settings.queue_maxsize)
     state = State(exchanges=settings.exchanges, queue=q)
     streams, plans, problems = {}, [], {}
@@ -178,7 +178,7 @@ def _per_kind(book: dict, streams: list) -> dict[str, dict]:
 def build_report(adapters, streams, subs, tallies, problems) -> dict:
     exchanges, ok = {}, True
     for ex, adapter in adapters.items():
-        unsupported = getattr(adapter, "UNSUPPORTED_DATASETS", {})
+        unsupported = adapter.UNSUPPORTED_DATASETS
         tally = tallies[ex]
         kinds = {}
         for kind in KINDS:

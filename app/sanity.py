@@ -60,7 +60,7 @@ import pyarrow.parquet as pq
 
 from app import migrate, schema
 from app.exchanges import EXCHANGES, Instrument
-from app.exchanges import load as load_adapter
+from app.exchanges import create as create_adapter
 from app.gaps import Gap, SequenceTracker, TimeGapTracker, time_gap_limit_s
 
 NS = 1_000_000_000
@@ -462,7 +462,7 @@ class Checker:
     def _adapter(self, ex: str):
         if ex not in self.adapters:
             try:
-                self.adapters[ex] = load_adapter(ex)
+                self.adapters[ex] = create_adapter(ex)
             except Exception as e:  # noqa: BLE001 - unknown exchange dir or adapter not importable
                 self.adapters[ex] = None
                 self.notes.append(f"no adapter for {ex!r} ({type(e).__name__}): sequence and time gaps not checked")
@@ -692,7 +692,7 @@ class Checker:
     # -- data datasets: sequence/time gaps, content, duplicates --
     def _data_files(self, ds: str, ex: str, files: list[FileInfo]) -> None:
         adapter = self._adapter(ex)
-        rule = getattr(adapter, "GAP_RULES", {}).get(ds) if adapter is not None else None
+        rule = adapter.GAP_RULES.get(ds) if adapter is not None else None
         seq = SequenceTracker(ex, ds, rule) if rule else None
         limit = time_gap_limit_s(_cadence(adapter, ex, ds) if adapter is not None else None,
                                  self.o.gap_factor, self.o.gap_floor_s)

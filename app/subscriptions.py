@@ -37,7 +37,7 @@ class SubscriptionBook:
         self.ack_timeout = ack_timeout
         self.retries = retries
         self._next_request_id = next_request_id
-        self._whole = bool(getattr(adapter, "REJECTS_WHOLE_REQUEST", True))
+        self._whole = adapter.REJECTS_WHOLE_REQUEST
         self._lock = threading.Lock()
         self.streams: dict[str, Stream] = {s.key: s for s in streams}
         self.status: dict[str, str] = dict.fromkeys(self.streams, PENDING)

@@ -42,7 +42,7 @@ def run(flush_interval: float = 0.5, rotate_interval: float = 2.0, rate: float =
         phase_s: float = 3.0, step_back_s: float = 30.0) -> dict:
     import pyarrow.parquet as pq
     from app import settings as settings_mod
-    from app.exchanges import load
+    from app.exchanges import create
     from app.handoff import FrameQueue, from_items
     from app.state import Monitor, State
     from app.storage import LocalStorage
@@ -62,7 +62,7 @@ def run(flush_interval: float = 0.5, rotate_interval: float = 2.0, rate: float =
     state = State(version="soak", instance_id="clockjump", run_id="clockjump", exchanges=(EX,), queue=q,
                   clock=clock.time)
     storage = LocalStorage(s, state)
-    writer = Writer(s, q, state, storage, {EX: load(EX)}, on_control=lambda *a: None, run_id="20000101T000000Zcafe",
+    writer = Writer(s, q, state, storage, {EX: create(EX)}, on_control=lambda *a: None, run_id="20000101T000000Zcafe",
                     version="soak", clock=clock.time)
     monitor = Monitor(state, s, clock=clock.time)
     flushes: list[float] = []               # monotonic time of each flush that wrote frames

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pytest
 
 from app.alignment import OverBudget, RestClient, TokenBucket, measure
-from app.exchanges import load
+from app.exchanges import create
 from tests.helpers import CollectorProcess, read_dataset, settle, sim_env, wait_until
 
 EXCHANGES = ("binance", "bybit", "okx")
@@ -60,7 +60,7 @@ def test_token_bucket_never_exceeds_its_bound_in_any_minute():
 def test_rest_client_gives_up_at_the_deadline_without_calling():
     clk = FakeClock()
     b = TokenBucket(60, clock=clk, min_capacity=20)        # 1/s, capacity 20
-    client = RestClient("binance", load("binance"), "http://127.0.0.1:9", b, clock=clk, sleep=clk.sleep)
+    client = RestClient("binance", create("binance"), "http://127.0.0.1:9", b, clock=clk, sleep=clk.sleep)
     assert b.try_take(20)
     with pytest.raises(OverBudget):
         client.get("/fapi/v1/time", {}, 20, deadline=clk.t + 5)   # needs 20 s of refill
@@ -97,7 +97,7 @@ def test_measure_uuid_list():
 # ---- adapters: throttle rules (pure) ------------------------------------------------------------------
 
 def test_throttle_rules():
-    b, y, o = load("binance"), load("bybit"), load("okx")
+    b, y, o = create("binance"), create("bybit"), create("okx")
     assert b.rest_throttle(200, {}, [], 0.0) is None
     assert b.rest_throttle(429, {"retry-after": "7"}, {}, 0.0) == 7.0
     assert b.rest_throttle(429, {}, {}, 1_800_000_030.0) == pytest.approx(31.0)   # to the next minute
@@ -129,7 +129,7 @@ SYMBOL = {"binance": "BTCUSDT", "bybit": "BTCUSDT", "okx": "BTC-USDT-SWAP"}
 
 @pytest.mark.parametrize("ex", EXCHANGES)
 def test_adapters_read_latest_trades_and_server_time(rest_sim, ex):
-    adapter = load(ex)
+    adapter = create(ex)
     client = RestClient(ex, adapter, rest_sim.urls[ex]["rest"], TokenBucket(600, min_capacity=20))
     wait_until(lambda: rest_sim.stats()[ex]["trades_generated"].get(SYMBOL[ex]), what="trades")
     path, params, _w = adapter.alignment_request(SYMBOL[ex])
@@ -149,7 +149,7 @@ def test_adapters_read_latest_trades_and_server_time(rest_sim, ex):
 
 
 def test_rest_client_honours_retry_after(rest_sim):
-    adapter = load("binance")
+    adapter = create("binance")
     client = RestClient("binance", adapter, rest_sim.urls["binance"]["rest"], TokenBucket(600, min_capacity=20))
     rest_sim.rest_fail("binance", 429, 1, headers={"Retry-After": "1"})
     t = time.monotonic()
@@ -168,7 +168,7 @@ def test_rest_client_honours_retry_after(rest_sim):
 
 def test_rest_client_bybit_endpoint_limit_in_a_200(rest_sim):
     """Bybit signals its per-endpoint limit as HTTP 200 + retCode 10006: that is a back-off too."""
-    adapter = load("bybit")
+    adapter = create("bybit")
     client = RestClient("bybit", adapter, rest_sim.urls["bybit"]["rest"], TokenBucket(600))
     rest_sim.rest_fail("bybit", 200, 1, body=json.dumps({"retCode": 10006, "retMsg": "Too many visits!",
                                                          "result": {}}))

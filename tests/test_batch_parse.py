@@ -9,7 +9,7 @@ import re
 import pytest
 
 from app import schema, settings as settings_mod, writer as writer_mod
-from app.exchanges import load
+from app.exchanges import create
 from app.state import State
 from app.storage import LocalStorage
 from app.handoff import FrameQueue, from_items
@@ -142,19 +142,19 @@ def _run(tmp_path, exchange: str, items: list[tuple], batch: bool, *, chunks: li
         data_dir=str(tmp_path / ("batch" if batch else "frame")), exchanges=[exchange])
     state = State(exchanges=[exchange], queue=FrameQueue())
     controls = []
-    w = writer_mod.Writer(s, FrameQueue(), state, LocalStorage(s, state), {exchange: load(exchange)},
+    w = writer_mod.Writer(s, FrameQueue(), state, LocalStorage(s, state), {exchange: create(exchange)},
                           on_control=lambda *a: controls.append(a), run_id="R", version="t")
     left: list = []
     if not batch:
-        w.batch_parsers = {}
+        w.encoder.batch_parsers = {}
     else:
-        parse_batch = w.batch_parsers[exchange]
+        parse_batch = w.encoder.batch_parsers[exchange]
 
         def recorded(cols):
             result = parse_batch(cols)
             left[-1] = list(result.leftover)
             return result
-        w.batch_parsers[exchange] = recorded
+        w.encoder.batch_parsers[exchange] = recorded
     tables = {}
     w.observers.append(lambda ex, ds, t: tables.setdefault(ds, []).extend(t.to_pylist()))
     for chunk in chunks or [items]:
@@ -164,7 +164,7 @@ def _run(tmp_path, exchange: str, items: list[tuple], batch: bool, *, chunks: li
     counts = {c: state.total(c) for c in ("frames_unparsed", "rows_rejected", "frames_non_utf8",
                                            "frames_written", "rows_written")}
     out = {"tables": tables, "controls": controls, "counts": counts,
-           "last_seen": dict(w.sinks[exchange].last_seen)}
+           "last_seen": dict(w.last_seen[exchange])}
     return dict(out, left=left) if batch else out
 
 
@@ -176,7 +176,7 @@ def _parses_alone(exchange: str, item: tuple) -> bool:
     """True if per-frame parsing takes the frame (rows or a control, no error)."""
     from app.exchanges import RowSink
     try:
-        load(exchange).parse(item, RowSink())
+        create(exchange).parse(item, RowSink())
     except Exception:  # noqa: BLE001 - refused: the batch path must leave it too
         return False
     return True
@@ -189,7 +189,7 @@ def test_batch_path_equals_per_frame_on_samples(tmp_path, exchange, monkeypatch)
     where the batch path really parsed: it must have taken every sample frame of every channel
     it handles (all but those per-frame parsing refuses too). The writer's threshold below
     which it does not even try the batch path (a cost rule) is lifted: OKX's samples are fewer."""
-    monkeypatch.setattr(writer_mod, "BATCH_MIN_FRAMES", 1)
+    monkeypatch.setattr(writer_mod.encoding, "BATCH_MIN_FRAMES", 1)
     origin: list = []
     mixed = _items(exchange, origin=origin)
     breakers = [(exchange, 1, len(mixed) + i + 1, 1_700_000_000_000_000_000 + (len(mixed) + i) * 1000, p)
@@ -226,7 +226,7 @@ def test_batch_path_takes_the_clean_frames(exchange):
     """Without broken frames poisoning a group, the batch path takes every frame of its kinds
     but one recorded aggTrade that lacks its id (per-frame parsing rejects it too)."""
     items = _items(exchange, broken=False)
-    leftover = load(exchange).parse_batch(schema.frame_columns(from_items(items))).leftover
+    leftover = create(exchange).parse_batch(schema.frame_columns(from_items(items))).leftover
     batched = sum(1 for it in items if BATCHED[exchange](it[4]))
     assert batched > 10
     assert len(items) - len(leftover) >= batched - (1 if exchange == "binance" else 0)
@@ -238,7 +238,7 @@ def test_batch_path_equals_per_frame_on_simulated_frames(tmp_path, exchange):
     ref, got = _run(tmp_path, exchange, items, False), _run(tmp_path, exchange, items, True)
     assert _outcome(got) == ref
     assert set(ref["tables"]) >= {"frames", "bbo", "trades", "mark_price"}
-    leftover = load(exchange).parse_batch(schema.frame_columns(from_items(items))).leftover
+    leftover = create(exchange).parse_batch(schema.frame_columns(from_items(items))).leftover
     assert len(leftover) == 0
 
 
@@ -249,7 +249,7 @@ def test_a_bad_group_falls_back_without_losing_others(tmp_path):
     agg = b'{"stream":"btcusdt@aggTrade","data":{"e":"aggTrade","E":1,"a":%d,"s":"BTCUSDT","p":"1","q":"1","f":1,"l":1,"T":1,"m":false}}'
     payloads = [book % b"1", agg % 1, book % b'"2"', agg % 2, book % b"3"] * 20
     items = [("binance", 1, i + 1, 10**18 + i, p) for i, p in enumerate(payloads)]
-    result = load("binance").parse_batch(schema.frame_columns(from_items(items)))
+    result = create("binance").parse_batch(schema.frame_columns(from_items(items)))
     assert sorted(result.leftover) == [i for i, p in enumerate(payloads) if b"bookTicker" in p]
     assert sum(t.num_rows for t in result.tables["trades"]) == 40
     ref, got = _run(tmp_path, "binance", items, False), _run(tmp_path, "binance", items, True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from app.exchanges import load
+from app.exchanges import create
 from app.gaps import SequenceTracker
 from tests.helpers import CollectorProcess, count_rows, read_dataset, settle, sim_env, wait_until
 
@@ -97,7 +97,7 @@ def test_okx_upgrade_notice_moves_subscriptions_without_a_hole(tmp_path):
             assert c.stop() == 0
     trades = read_dataset(c.data_dir, "trades").sort_by("recv_seq")
     assert len(set(trades.column("conn_id").to_pylist())) >= 2      # both connections wrote
-    tracker = SequenceTracker("okx", "trades", load("okx").GAP_RULES["trades"])
+    tracker = SequenceTracker("okx", "trades", create("okx").GAP_RULES["trades"])
     assert tracker.observe(trades) == []
     # the BBO stream never paused across the switch: no interval longer than 1 s
     bbo = read_dataset(c.data_dir, "bbo").sort_by("ts_recv")

@@ -12,7 +12,10 @@ from samples import CONN_ID, GARBAGE, TS_FALLBACK_NS, as_dicts, json_lines, pars
 samples.require_samples()
 
 from app import schema  # noqa: E402
-from app.exchanges import Control, FrameError, RowSink, SequenceRule, Stream, binance, resolve_symbols  # noqa: E402
+from app.exchanges import Control, FrameError, RowSink, SequenceRule, Stream, create, resolve_symbols  # noqa: E402
+from app.exchanges import binance as binance_module  # noqa: E402
+
+binance = create("binance")
 
 BAD = (FrameError, ValueError, KeyError)
 DATA_FILES = ("binance_bookTicker.jsonl", "binance_trade.jsonl", "binance_markPrice.jsonl")
@@ -310,6 +313,18 @@ def test_streams_and_subscribe_messages():
         for text, rid, msg_keys in msgs:
             msg = json.loads(text)
             assert msg == {"method": "SUBSCRIBE", "params": list(msg_keys), "id": rid}
-            assert len(msg_keys) <= binance.PARAMS_PER_REQUEST
+            assert len(msg_keys) <= binance_module.PARAMS_PER_REQUEST
             keys.extend(msg_keys)
         assert keys == [s.key for s in plan.streams]
+
+
+def test_a_frame_with_a_bad_stream_name_leaves_no_row_behind():
+    """A frame is all rows or none: a stream that is not a string (unhashable here) is refused
+    before any row reaches the sink, so it is not both written and counted as unparsed."""
+    from app.exchanges import FrameError, RowSink, create
+    sink = RowSink()
+    frame = (b'{"stream":["x"],"data":{"e":"aggTrade","E":1,"a":5,"s":"BTCUSDT","p":"1","q":"1",'
+             b'"f":1,"l":2,"T":1,"m":false}}')
+    with pytest.raises(FrameError):
+        create("binance").parse(("binance", 1, 1, 1, frame), sink)
+    assert sink.pending() == 0 and not sink.last_seen

@@ -12,8 +12,11 @@ from samples import CONN_ID, GARBAGE, TS_FALLBACK_NS, as_dicts, json_lines, pars
 samples.require_samples()
 
 from app import schema  # noqa: E402
-from app.exchanges import (Control, FrameError, Instrument, RowSink, Stream, bybit,  # noqa: E402
+from app.exchanges import (Control, FrameError, Instrument, RowSink, Stream, create,  # noqa: E402
                            resolve_symbols)
+from app.exchanges import bybit as bybit_module  # noqa: E402
+
+bybit = create("bybit")
 
 BAD = (FrameError, ValueError, KeyError)
 
@@ -38,7 +41,7 @@ def test_module_exposes_the_adapter_interface():
     assert json.loads(bybit.KEEPALIVE.payload) == {"op": "ping"}
     assert bybit.ws_url("wss://stream.bybit.com", "/v5/public/linear") == \
         "wss://stream.bybit.com/v5/public/linear"
-    assert bybit.ws_url("ws://127.0.0.1:9000/", bybit.PATH) == "ws://127.0.0.1:9000/v5/public/linear"
+    assert bybit.ws_url("ws://127.0.0.1:9000/", bybit_module.PATH) == "ws://127.0.0.1:9000/v5/public/linear"
 
 
 @pytest.mark.parametrize("symbol, expected", [
@@ -425,7 +428,7 @@ def test_700_symbols_fit_the_connection_limits():
     insts = [_inst(f"{'1000000' if i % 2 else ''}SYM{i:04d}XYZUSDT") for i in range(700)]
     streams = [s for inst in insts for s in bybit.streams_for(inst, schema.DATASETS)]
     assert len(streams) == 2100
-    for max_per_conn in (bybit.MAX_TOPICS_PER_CONNECTION, 5000):   # 5000: only the char limit binds
+    for max_per_conn in (bybit.MAX_STREAMS_PER_CONNECTION, 5000):   # 5000: only the char limit binds
         plans = bybit.plan_connections(streams, max_per_conn)
         assert [s for p in plans for s in p.streams] == streams
         for plan in plans:
@@ -442,7 +445,7 @@ def test_700_symbols_fit_the_connection_limits():
     for text, rid, msg_keys in msgs:
         msg = json.loads(text)
         assert msg == {"op": "subscribe", "args": list(msg_keys), "req_id": str(rid)}
-        assert 0 < len(msg_keys) <= bybit.ARGS_PER_REQUEST
+        assert 0 < len(msg_keys) <= bybit_module.ARGS_PER_REQUEST
         keys.extend(msg_keys)
     assert keys == [s.key for s in plan.streams]
     # the ACK's req_id maps back to the int id

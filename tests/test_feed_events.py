@@ -8,7 +8,7 @@ import time
 import pytest
 
 from app import settings as settings_mod
-from app.exchanges import load
+from app.exchanges import create
 from app.feed import Manager
 from app.handoff import FrameQueue
 from app.state import State
@@ -26,7 +26,7 @@ def _manager(tmp_path, sim, exchange, **flags):
     env = sim_env(sim, (exchange,))
     s = settings_mod.load(None, flags=dict({"exchanges": exchange, "data_dir": str(tmp_path)}, **flags),
                           environ=env, dotenv_path=str(tmp_path / ".env"))
-    adapter = load(exchange)
+    adapter = create(exchange)
     q = FrameQueue(maxsize=100_000)
     state = State(exchanges=(exchange,), queue=q)
     return Manager(s, {exchange: adapter}, q, state, {exchange: {}}), adapter, q

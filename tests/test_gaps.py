@@ -10,7 +10,7 @@ import pytest
 
 from app import schema
 from app import settings as settings_mod
-from app.exchanges import Instrument, RowSink, load
+from app.exchanges import Instrument, RowSink, create
 from app.gaps import GapDetector
 from app.state import State
 from tests.helpers import CollectorProcess, settle, sim_env, wait_rows_parsed, wait_until
@@ -34,7 +34,7 @@ class Flush:
 
     def __init__(self, ex: str):
         self.ex = ex
-        self.adapter = load(ex)
+        self.adapter = create(ex)
         self.seq = itertools.count(1)
 
     def __call__(self, frames) -> dict:
@@ -86,7 +86,7 @@ class FakeWorker:
 
 
 def detector(exchanges, symbols, datasets, clock, workers=None, **kw):
-    adapters = {ex: load(ex) for ex in exchanges}
+    adapters = {ex: create(ex) for ex in exchanges}
     streams = {ex: [st for sym in symbols[ex] for st in adapters[ex].streams_for(inst(ex, sym), datasets)]
                for ex in exchanges}
     state = State(exchanges=exchanges, clock=clock)

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from app import migrate, sanity, schema, settings as settings_mod, writer as writer_mod
-from app.exchanges import load
+from app.exchanges import create
 from app.state import State
 from app.storage import LocalStorage
 from app.handoff import FrameQueue, from_items
@@ -109,7 +109,7 @@ class Recorder:
         self.exchanges = exchanges
         self.state = State(exchanges=list(exchanges), queue=FrameQueue())
         self.w = writer_mod.Writer(s, FrameQueue(), self.state, LocalStorage(s, self.state),
-                                   {ex: load(ex) for ex in exchanges}, on_control=lambda *a: None,
+                                   {ex: create(ex) for ex in exchanges}, on_control=lambda *a: None,
                                    run_id=run_id, version="test")
         self.w.finalizer.start()
         self.seq = 0

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from app import settings as settings_mod, writer as writer_mod
-from app.exchanges import load
+from app.exchanges import create
 from app.state import State
 from app.storage_s3 import S3Storage
 from app.handoff import FrameQueue, from_items
@@ -410,7 +410,7 @@ def test_spool_budget_degrades_then_drops_new_rows_never_files(tmp_path, own_s3,
     assert state.spool_usage["full"] and events.named("spool_full")
     # the writer drops (and counts) new data; spooled files stay
     q = FrameQueue()
-    w = writer_mod.Writer(st.settings, q, state, st, {"binance": load("binance")},
+    w = writer_mod.Writer(st.settings, q, state, st, {"binance": create("binance")},
                           on_control=lambda *a: None, run_id="RUN", version="t")
     now = time.time_ns()
     w.process(from_items([("binance", 1, n, now + n, BOOK % n) for n in range(1, 8)]))

@@ -6,8 +6,10 @@ import itertools
 
 import ujson
 
-from app.exchanges import Instrument, RowSink, binance, bybit, okx
+from app.exchanges import Instrument, RowSink, create
 from app.subscriptions import LIVE, PENDING, REJECTED, SubscriptionBook
+
+binance, bybit, okx = create("binance"), create("bybit"), create("okx")
 
 
 def _inst(adapter, symbol):

@@ -1,41 +1,25 @@
-"""The adapter interface every exchange module implements, and the registry.
+"""The adapter interface every exchange implements (`Adapter`), its shared types, and the registry.
 
-Exchange modules are sans-I/O: pure functions (and frozen data) that turn a discovery response
-into instruments, instruments into streams and subscribe messages, and a received frame into
-rows. Threads, sockets, queues and files live elsewhere; the pipeline never asks "which
-exchange", it calls the module it was given.
+Adapters are sans-I/O: pure code (and frozen data) that turns a discovery response into
+instruments, instruments into streams and subscribe messages, and a received frame into rows.
+Threads, sockets, queues and files live elsewhere; the pipeline never asks "which exchange", it
+calls the adapter it was given, and every adapter has exactly the shape of `Adapter` (checked by
+tests/test_adapters.py: names, signatures, nothing more), so no caller probes for a name.
 
-Every module exposes the same names:
-
-    NAME                      "binance" | "bybit" | "okx"
-    KEEPALIVE                 Keepalive: what the client must send to stay connected
-    MAX_CONNECTION_AGE_S      rotate a connection before the server's forced close (or None)
-    CONNECT_INTERVAL_S        minimum spacing of new connections (per exchange, per IP)
-    SUBSCRIBE_INTERVAL_S      pause between subscribe messages on one connection
-    GAP_RULES                 {dataset: SequenceRule} for streams whose ids allow exact loss counts
-    SUBSCRIBE_IN_URL          the connection URL itself names the streams (no subscribe ACK)
-    REJECTS_WHOLE_REQUEST     an error answers the whole subscribe request (else: the args it names)
-    URGENT_SCREEN             bytes every plain data frame opens with; other frames go through
-                              urgent_control on the socket thread (None: nothing is urgent)
-    MAPPED_FIELDS             {channel: fields of a data item that parse maps} (--probe lists the rest)
-    ws_url(base, path, streams)  full WebSocket URL of a connection
-    discovery_request(cursor) (path, params) of the instrument listing (cursor None = first page)
-    parse_discovery(body)     Discovery(instruments, skipped, next_cursor)
-    unified(symbol)           "<BASE>-<QUOTE>-PERP" for a native symbol
-    streams_for(inst, datasets)  the Streams that carry those datasets for one instrument
-    plan_connections(streams, max_per_conn)  [ConnectionPlan], within the exchange's limits
-    subscribe_messages(streams, first_id)    [(text, request id, stream keys)]
-    unsubscribe_messages(streams, first_id)  likewise
-    parse(item, sink)         one queue item -> rows into sink; returns a Control or None
-    urgent_control(payload)   a Control that cannot wait for the writer (OKX notice), or None
-    parse_batch(cols)         optional fast path: schema.FrameColumns of many frames -> BatchResult
-                              (Arrow tables; frames it does not handle are left to `parse`)
+An adapter is an object (`create(name)`), not a module: what it remembers (the unified name of
+each symbol seen, the batch parser's instrument arrays) lives in the instance the composition root
+creates, so two collectors in one process, or a test, never share it. What is frozen (constants,
+the channel table of app/exchanges/channels.py) stays module-level.
 """
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from app.schema import FrameColumns
 
 EXCHANGES = ("binance", "bybit", "okx")
 
@@ -159,24 +143,92 @@ class FrameError(ValueError):
     """A frame the adapter cannot turn into rows or a known control message."""
 
 
-def load(name: str):
-    """The adapter module for an exchange name."""
+@runtime_checkable
+class Adapter(Protocol):
+    """What the collector needs of an exchange. Constants first (protocol facts, per exchange):"""
+
+    NAME: str                        # "binance" | "bybit" | "okx"
+    KEEPALIVE: Keepalive             # what the client must send to stay connected
+    MAX_CONNECTION_AGE_S: float | None   # rotate a connection before the server's forced close
+    CONNECT_INTERVAL_S: float        # minimum spacing of new connections (per exchange, per IP)
+    SUBSCRIBE_INTERVAL_S: float      # pause between subscribe messages on one connection
+    SUBSCRIBE_IN_URL: bool           # the connection URL itself names the streams (no subscribe ACK)
+    REJECTS_WHOLE_REQUEST: bool      # an error answers the whole subscribe request (else: the args it names)
+    MAX_STREAMS_PER_CONNECTION: int  # streams (topics, args) one connection may hold
+    URGENT_SCREEN: bytes | None      # bytes every plain data frame opens with; other frames go through
+    #                                  urgent_control on the socket thread (None: nothing is urgent)
+    GAP_RULES: Mapping[str, SequenceRule]     # dataset -> rule, where ids allow exact loss counts
+    UNSUPPORTED_DATASETS: Mapping[str, str]   # dataset -> why the exchange cannot give it
+    MAPPED_FIELDS: Mapping[str, frozenset[str]]   # channel -> fields of a data item parse reads
+    #                                               (--probe lists the others it sees)
+
+    # ---- connections and subscriptions ---------------------------------------------------------
+    def ws_url(self, base: str, path: str, streams: Sequence[Stream] = ()) -> str:
+        """Full WebSocket URL of a connection."""
+
+    def discovery_request(self, cursor: str | None) -> tuple[str, dict]:
+        """(path, params) of the instrument listing (cursor None = first page)."""
+
+    def parse_discovery(self, body: dict) -> Discovery:
+        """One page of the listing -> Discovery(instruments, skipped, next_cursor)."""
+
+    def unified(self, symbol: str) -> str:
+        """"<BASE>-<QUOTE>-PERP" for a native symbol."""
+
+    def streams_for(self, inst: Instrument, datasets: Iterable[str]) -> list[Stream]:
+        """The Streams that carry those datasets for one instrument."""
+
+    def plan_connections(self, streams: list[Stream], max_per_conn: int | None = None) -> list[ConnectionPlan]:
+        """Connections within the exchange's limits (max_per_conn None: MAX_STREAMS_PER_CONNECTION)."""
+
+    def subscribe_messages(self, streams: list[Stream], first_id: int) -> list[tuple[str, int, tuple[str, ...]]]:
+        """[(text, request id, stream keys)], ids counted up from first_id."""
+
+    def unsubscribe_messages(self, streams: list[Stream], first_id: int) -> list[tuple[str, int, tuple[str, ...]]]:
+        """Likewise, to unsubscribe."""
+
+    # ---- frames ----------------------------------------------------------------------------------
+    def parse(self, item: tuple, sink: RowSink) -> Control | None:
+        """One queue item -> rows into sink (all of the frame's or none), or a Control."""
+
+    def parse_batch(self, cols: FrameColumns) -> BatchResult:
+        """The writer's fast path: many frames -> Arrow tables; frames it does not take are left
+        to `parse`, so every frame gets the same rows, errors and counts on both paths."""
+
+    def urgent_control(self, payload: bytes | str) -> Control | None:
+        """A Control that cannot wait for the writer (OKX notice), or None."""
+
+    # ---- REST, after a reconnect (app/alignment.py does the I/O) ---------------------------------
+    def alignment_request(self, symbol: str) -> tuple[str, dict, int]:
+        """(path, params, weight) of the latest trade(s) of a symbol."""
+
+    def parse_recent_trades(self, body: object) -> list[tuple[str, int]]:
+        """[(trade id, trade time ms)], oldest first."""
+
+    def parse_latest_trade(self, body: object) -> tuple[str, int] | None:
+        """The newest of parse_recent_trades, or None."""
+
+    def time_request(self) -> tuple[str, dict, int]:
+        """(path, params, weight) of the server time."""
+
+    def parse_server_time(self, body: object) -> int:
+        """Server time in ns."""
+
+    def rest_throttle(self, status: int, headers: dict, body: object, now: float) -> float | None:
+        """Seconds to stop calling the exchange after this answer, or None if it is no rate limit
+        (headers have lower-case names)."""
+
+
+_CLASSES = {"binance": "BinanceAdapter", "bybit": "BybitAdapter", "okx": "OkxAdapter"}
+
+
+def create(name: str) -> Adapter:
+    """A new adapter for an exchange name (its own caches)."""
     if name not in EXCHANGES:
         raise KeyError(name)
-    return importlib.import_module(f"app.exchanges.{name}")
+    return getattr(importlib.import_module(f"app.exchanges.{name}"), _CLASSES[name])()
 
 
-def chunked(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def split_by_path(exchange: str, streams: list[Stream], max_per_conn: int) -> list[ConnectionPlan]:
-    """Group streams by WebSocket path, then cut each group into connections of max_per_conn."""
-    by_path: dict[str, list[Stream]] = {}
-    for s in streams:
-        by_path.setdefault(s.path, []).append(s)
-    return [ConnectionPlan(exchange, path, part)
-            for path, group in by_path.items() for part in chunked(group, max_per_conn)]
 
 
 def _aliases(instruments: list[Instrument]) -> dict[str, Instrument]:

@@ -8,9 +8,11 @@ dataset. Each of those is one C++ call that runs outside the GIL: few, large cal
 after every call the writer must win the GIL back from busy socket threads (a switch interval,
 5 ms by default, or longer while other threads pass it among themselves).
 
-An adapter declares, per kind, its JSON shape and, as Arrow expressions over the parsed fields,
-what `parse` requires, the symbol, the stream key and each dataset's columns (`Kind`, `Rows`).
-`parse_batch(cols, kinds, specs, ...)` does the rest.
+Each kind (`Kind`, `Rows`) holds its JSON shape and, as Arrow expressions over the parsed fields,
+what `parse` requires, the symbol, the stream key and each dataset's columns. Kinds are not
+written by hand: app/exchanges/channels.py derives them from the exchange's channel table, the
+same table the per-frame parser is derived from. `parse_batch(cols, kinds, specs, ...)` does the
+rest.
 
 The rule that keeps both paths identical: a frame is taken here only if every value it needs is
 present with the expected JSON type. Anything else (control messages, unknown kinds, a group
@@ -21,6 +23,7 @@ Sans-I/O, like the rest of app/exchanges.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -61,6 +64,30 @@ class Kind:
     def __post_init__(self):
         object.__setattr__(self, "options", pj.ParseOptions(
             explicit_schema=pa.schema(list(self.json.items())), unexpected_field_behavior="ignore"))
+
+    def options_like(self, frame: str) -> pj.ParseOptions | None:
+        """`options` with every object's fields in the order `frame` sends them (None: not a JSON
+        object). Why: Arrow's reader tries the field after the previous one before looking a key
+        up, so a schema in wire order parses a chunk ~5% faster (the result is the same)."""
+        try:
+            sample = json.loads(frame)
+        except ValueError:
+            return None
+        if type(sample) is not dict:
+            return None
+        ordered = _in_order(pa.struct(list(self.json.items())), sample)
+        return pj.ParseOptions(explicit_schema=pa.schema(list(ordered)), unexpected_field_behavior="ignore")
+
+
+def _in_order(typ: pa.DataType, sample) -> pa.DataType:
+    """typ with its struct fields in the order of the JSON value `sample` (fields it lacks last)."""
+    if pa.types.is_struct(typ) and type(sample) is dict:
+        pos = {k: i for i, k in enumerate(sample)}
+        fields = sorted(typ, key=lambda f: pos.get(f.name, len(pos)))
+        return pa.struct([f.with_type(_in_order(f.type, sample.get(f.name))) for f in fields])
+    if pa.types.is_list(typ) and type(sample) is list and sample:
+        return pa.list_(_in_order(typ.value_type, sample[0]))
+    return typ
 
 
 def blank_to_null(expr: pc.Expression) -> pc.Expression:
@@ -140,22 +167,36 @@ class Instruments:
                                 type=pa.dictionary(pa.int32(), STRING))
 
 
-_INSTRUMENTS: dict = {}     # unified function -> Instruments (the writer thread's memo)
+class Memo:
+    """What the batch path learns as it runs, for one adapter (its instance holds it; the writer
+    thread uses it): the instrument arrays, and each kind's schema in the exchange's field order."""
+
+    def __init__(self, unified: Callable[[str], str]):
+        self.instruments = Instruments(unified)
+        self.options: dict[str, pj.ParseOptions] = {}
+
+    def options_for(self, kind: str, spec: Kind, lines: pa.Array) -> pj.ParseOptions:
+        options = self.options.get(kind)
+        if options is None:
+            options = spec.options_like(lines[0].as_py())
+            if options is None:
+                return spec.options
+            self.options[kind] = options
+        return options
 
 
-def parse_batch(cols, kinds: pa.Array, specs: dict[str, Kind], exchange: str,
-                unified: Callable[[str], str]) -> BatchResult:
+def parse_batch(cols, kinds: pa.Array, specs: dict[str, Kind], exchange: str, memo: Memo) -> BatchResult:
     """schema.FrameColumns of a chunk + each frame's kind -> BatchResult.
 
     The chunk is grouped by kind with one stable sort and made newline-delimited in one call, so
     each kind's JSON text is a zero-copy slice (one copy of the payloads besides the chunk's own,
-    not two); `$pos` carries each frame's position in the chunk (the leftovers are positions)."""
+    not two); `$pos` carries each frame's position in the chunk (the leftovers are positions).
+    `memo`: what the adapter's batch path has learned so far (instance state)."""
     order = pc.sort_indices(kinds)
     meta = pa.table({"ts_recv": cols.ts_recv, "conn_id": cols.conn_id, "recv_seq": cols.recv_seq}).take(order)
     meta = meta.append_column("$pos", order)
     lines = lines_of(cols.payload.take(order))
     counts = pc.value_counts(kinds)
-    instruments = _INSTRUMENTS.get(unified) or _INSTRUMENTS.setdefault(unified, Instruments(unified))
     tables: dict[str, list] = {}
     taken_frames: list = []
     leftover: list = []
@@ -166,7 +207,9 @@ def parse_batch(cols, kinds: pa.Array, specs: dict[str, Kind], exchange: str,
         built = None
         if spec is not None:
             try:
-                built, frames = _group(spec, lines.slice(start, n), meta.slice(start, n), exchange, instruments)
+                group = lines.slice(start, n)
+                built, frames = _group(spec, memo.options_for(kind, spec, group), group, meta.slice(start, n),
+                                       exchange, memo.instruments)
             except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, schema.RowError,
                     OverflowError):
                 built = None                               # the whole group goes to `parse`
@@ -189,11 +232,12 @@ def parse_batch(cols, kinds: pa.Array, specs: dict[str, Kind], exchange: str,
     return BatchResult(tables, positions, last_seen)
 
 
-def _group(spec: Kind, lines: pa.Array, meta: pa.Table, exchange: str, instruments: Instruments):
+def _group(spec: Kind, options: pj.ParseOptions, lines: pa.Array, meta: pa.Table, exchange: str,
+           instruments: Instruments):
     """One kind's frames (`lines_of` their payloads) -> ({dataset: table}, the frames taken:
     $pos, ts_recv, $stream)."""
     text = ndjson(lines)
-    parsed = pj.read_json(pa.BufferReader(text), parse_options=spec.options,
+    parsed = pj.read_json(pa.BufferReader(text), parse_options=options,
                           read_options=pj.ReadOptions(use_threads=False,
                                                       block_size=max(1 << 20, text.size + 1)))
     if parsed.num_rows != len(lines):
