@@ -31,8 +31,8 @@ def tune_malloc() -> None:
     libc.mallopt(m_arena_max, 2)
 
 
-def collector_main(argv: list[str]) -> int:
-    tune_malloc()
+def build_parser() -> argparse.ArgumentParser:
+    """bin/collector's command line (tests/test_kubernetes.py parses the manifests' args with it)."""
     p = argparse.ArgumentParser(prog="collector", description="Record exchange WebSocket data as RAW Parquet.")
     p.add_argument("--symbols", help="comma separated; ALL = every USDT/USDC linear perpetual")
     p.add_argument("--exchanges", help="comma separated: binance,bybit,okx")
@@ -47,7 +47,14 @@ def collector_main(argv: list[str]) -> int:
                         "every kind parsed rows without errors")
     p.add_argument("--seconds", type=float, default=60.0, help="--probe: how long to listen")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    args = p.parse_args(argv)
+    return p
+
+
+def collector_main(argv: list[str], **parts) -> int:
+    """bin/collector. `parts`: replacement parts for the composition root (bench/collector_slow.py
+    gives it a slow writer); production passes none."""
+    tune_malloc()
+    args = build_parser().parse_args(argv)
     flags = {k: v for k, v in vars(args).items()
              if k not in ("config", "probe", "seconds") and v is not None}
     if args.probe:
@@ -65,7 +72,7 @@ def collector_main(argv: list[str]) -> int:
         return probe.run(settings, args.seconds)
     from app.collector import run
     try:
-        return run(settings)
+        return run(settings, **parts)
     except SettingsError as e:
         print(f"collector: {e}", file=sys.stderr)
         logs.get().error("startup_failed", extra={"setting": e.key, "error": str(e)})

@@ -26,7 +26,7 @@ import time
 
 from app import __version__, discovery, gaps, logs, storage as storage_mod, writer as writer_mod
 from app.errors import SettingsError
-from app.exchanges import close_matches, load as load_adapter, resolve_symbols
+from app.exchanges import close_matches, create as create_adapter, resolve_symbols
 from app.feed import Manager
 from app.handoff import FrameQueue
 from app.state import Monitor, State
@@ -61,10 +61,12 @@ def _iso(t: float) -> str:
 
 
 class Collector:
-    def __init__(self, settings):
+    def __init__(self, settings, *, writer_cls=writer_mod.Writer):
+        """writer_cls: the Writer class to build (the bench injects a slow one; nothing else)."""
+        self._writer_cls = writer_cls
         s = self.settings = settings
         self.run_id = new_run_id()
-        self.adapters = {name: load_adapter(name) for name in s.exchanges}
+        self.adapters = {name: create_adapter(name) for name in s.exchanges}
         self.queue = FrameQueue(maxsize=s.queue_maxsize)
         self.state = State(version=__version__, instance_id=s.instance_id, run_id=self.run_id,
                            exchanges=s.exchanges, queue=self.queue)
@@ -101,7 +103,7 @@ class Collector:
         recovered = writer_mod.recover(s.data_dir, self.storage, st, s.instance_id)
         if recovered:
             log.info("spool_recovery_done", extra={"files": recovered})
-        self.writer = writer_mod.Writer(s, self.queue, st, self.storage, self.adapters,
+        self.writer = self._writer_cls(s, self.queue, st, self.storage, self.adapters,
                                         on_control=self._on_control, run_id=self.run_id,
                                         version=__version__)
         self.manager = Manager(s, self.adapters, self.queue, st, self.writer.last_seen)
@@ -121,7 +123,7 @@ class Collector:
 
     def _note_unsupported(self, name: str, adapter) -> None:
         for ds in self.settings.datasets:
-            why = getattr(adapter, "UNSUPPORTED_DATASETS", {}).get(ds)
+            why = adapter.UNSUPPORTED_DATASETS.get(ds)
             if why:
                 self.state.unsupported[name][ds] = why
                 log.info("dataset_unsupported", extra={"exchange": name, "dataset": ds, "reason": why})
@@ -259,8 +261,8 @@ class Collector:
                                           "counters": counters})
 
 
-def run(settings) -> int:
-    collector = Collector(settings)
+def run(settings, **parts) -> int:
+    collector = Collector(settings, **parts)
     signal.signal(signal.SIGTERM, collector.request_stop)
     signal.signal(signal.SIGINT, collector.request_stop)
     try:

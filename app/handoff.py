@@ -17,8 +17,21 @@ from __future__ import annotations
 import queue
 from array import array
 from collections import deque
+from typing import NamedTuple
 
 import pyarrow as pa
+
+
+class Frame(NamedTuple):
+    """One received frame, as the adapters' per-frame `parse(frame, sink)` takes it. A tuple
+    with names: adapters unpack it (`_, conn_id, recv_seq, ts_recv, payload = frame`), so the
+    field order is part of the contract. Only frames that leave the columns (`items_at`:
+    control messages and what a batch parser leaves, or tests and tools) become one."""
+    exchange: str
+    conn_id: int
+    recv_seq: int
+    ts_recv: int          # ns since the epoch, stamped when the socket thread read the frame
+    payload: bytes | str
 
 
 class FrameBatch:
@@ -57,22 +70,22 @@ class Stamps:
 
 
 def from_items(items) -> list[FrameBatch]:
-    """Queue-item tuples (exchange, conn_id, recv_seq, ts_recv, payload) -> FrameBatches (one
-    per run of the same exchange and connection). For tests, tools and recovery paths."""
+    """Frames (or plain tuples in Frame's field order) -> FrameBatches (one per run of the same
+    exchange and connection). For tests, tools and recovery paths."""
     out: list[FrameBatch] = []
-    for ex, cid, seq, ts, payload in items:
-        if not out or out[-1].exchange != ex or out[-1].conn_id != cid:
-            out.append(FrameBatch(ex, cid, array("q"), array("q"), []))
+    for f in map(Frame._make, items):
+        if not out or out[-1].exchange != f.exchange or out[-1].conn_id != f.conn_id:
+            out.append(FrameBatch(f.exchange, f.conn_id, array("q"), array("q"), []))
         b = out[-1]
-        b.recv_seq.append(seq)
-        b.ts_recv.append(ts)
-        b.payloads.append(payload)
+        b.recv_seq.append(f.recv_seq)
+        b.ts_recv.append(f.ts_recv)
+        b.payloads.append(f.payload)
     return out
 
 
-def items_at(batches: list[FrameBatch], positions) -> list[tuple]:
-    """(exchange, conn_id, recv_seq, ts_recv, payload) of the frames at these positions
-    (ascending) of the batches taken together: the adapters' per-frame `parse` input."""
+def items_at(batches: list[FrameBatch], positions) -> list[Frame]:
+    """The Frames at these positions (ascending) of the batches taken together: the adapters'
+    per-frame `parse` input."""
     out, it, start = [], iter(batches), 0
     b = next(it, None)
     for pos in positions:
@@ -80,7 +93,7 @@ def items_at(batches: list[FrameBatch], positions) -> list[tuple]:
             start += len(b)
             b = next(it)
         i = pos - start
-        out.append((b.exchange, b.conn_id, b.recv_seq[i], b.ts_recv[i], b.payloads[i]))
+        out.append(Frame(b.exchange, b.conn_id, b.recv_seq[i], b.ts_recv[i], b.payloads[i]))
     return out
 
 

@@ -141,11 +141,6 @@ KEYS = [
         help="most frames the writer parses as one chunk (it parses every 0.5 s, or once this "
              "many wait; a writer behind takes bigger chunks, which cost fewer GIL hand-backs "
              "per frame and more memory)"),
-    Key("writer_throttle_s", "queue", float, 0.0,
-        help="testing only: sleep per writer batch, to exercise pressure relief"),
-    Key("writer_throttle_file", "queue", str, "",
-        help="testing only: a file holding seconds of sleep per writer batch, re-read while the "
-             "writer runs (bench/soak.py slows the writer and lets it recover without a restart)"),
     Key("status_host", "status", str, "127.0.0.1",
         help="address of the status API (0.0.0.0 to let Prometheus or a probe in from outside)"),
     Key("status_port", "status", int, 8000, _port, help="port of the status API; 0 = any free port"),
@@ -279,7 +274,7 @@ def load(config_file: str | None = None, flags: dict[str, Any] | None = None,
     if config_file and not os.path.exists(config_file):
         raise SettingsError("config", f"file not found: {config_file}")
     if os.path.exists(path):
-        parser = configparser.ConfigParser(interpolation=None)
+        parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=(";", "#"))
         try:
             parser.read(path)
         except configparser.Error as e:

@@ -379,7 +379,7 @@ class BadFrames(Scenario):
 
 
 class WriterStall(Scenario):
-    """The writer stalls (runtime knob: writer_throttle_file) until the queue is full and frames
+    """The writer stalls (bench/collector_slow.py's stall file) until the queue is full and frames
     are dropped (counted, recv_seq holes), then recovers without a restart."""
     name = "writer_stall"
     spool_normal = False      # a burst: the spool holds more than usual
@@ -389,14 +389,14 @@ class WriterStall(Scenario):
     def run(self, soak, seg, seconds):
         t = time.time()
         before = wait_metric(soak, lambda m: {"d": total(m, "frames_dropped")}, 5)
-        soak.set_throttle(3600)
+        soak.set_writer_stall(3600)
         fill = soak.col.last_metrics["gauges"]["queue_capacity"] / max(1.0, soak.achieved_rate or 1000) \
             if soak.col.last_metrics else 10
         got = wait_metric(soak, lambda m: total(m, "frames_dropped") > (before or {}).get("d", 0) or None,
                           timeout=fill + 10)
         seg.notes["drops_after_s"] = round(time.time() - t, 1) if got else None
         time.sleep(2.0)
-        soak.set_throttle(None)
+        soak.set_writer_stall(None)
         soak.fault_done(seg)
         t1 = time.monotonic()
         wait_metric(soak, lambda m: m["gauges"]["queue_size"] == 0 or None, 60)

@@ -6,8 +6,10 @@ then a reconciliation that proves every frame is accounted for, or says exactly 
                          [--keep] [--no-reparse] [--out bench/out]
 
 Processes: the simulator (all three exchanges) in a child process (its own GIL, JSON commands
-on stdin); bin/collector as a subprocess exactly as in production (SYMBOLS=ALL, every dataset,
-S3 storage); moto's S3 server in this process behind a small TCP proxy (bench/slowproxy.py) that
+on stdin); the collector as a subprocess exactly as in production (SYMBOLS=ALL, every dataset,
+S3 storage), started through bench/collector_slow.py, which is bin/collector plus the
+writer_stall scenario's fault injection (a stall file, idle until a scenario writes it); moto's
+S3 server in this process behind a small TCP proxy (bench/slowproxy.py) that
 can add latency, and that keeps the collector's endpoint valid while moto is stopped and
 restarted on the same port. Loopback only. The named fault scenarios are in bench/scenarios.py.
 
@@ -186,12 +188,13 @@ class SimProc:
 
 # ==== the collector ==============================================================================
 class CollectorProc:
-    """bin/collector in a subprocess: JSON log lines (with arrival time `_t`), /metrics and RSS
+    """The collector in a subprocess (bench/collector_slow.py: bin/collector whose writer stalls
+    while `stall_file` says so): JSON log lines (with arrival time `_t`), /metrics and RSS
     sampled every SAMPLE_S."""
 
     _n = 0
 
-    def __init__(self, workdir: str, env: dict, overrides: dict):
+    def __init__(self, workdir: str, env: dict, overrides: dict, stall_file: str):
         CollectorProc._n += 1
         self.logfile = open(os.path.join(workdir, f"collector-{CollectorProc._n}.log"), "w")
         self.overrides = dict(overrides)
@@ -207,7 +210,8 @@ class CollectorProc:
         self.killed_counters = None    # a SIGKILLed run's last known counters
         self.killed_lag = 0.0
         self.plans: dict = {}
-        self.proc = subprocess.Popen([PY, os.path.join(ROOT, "bin", "collector")], cwd=workdir, env=env,
+        self.proc = subprocess.Popen([PY, os.path.join(ROOT, "bench", "collector_slow.py"),
+                                      "--writer-stall-file", stall_file], cwd=workdir, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         import psutil
         self.ps = psutil.Process(self.proc.pid)
@@ -390,7 +394,7 @@ class Soak:
         self.verbose = verbose
         self.workdir = workdir or tempfile.mkdtemp(prefix="soak-")
         self.data_dir = os.path.join(self.workdir, "data")
-        self.throttle_file = os.path.join(self.workdir, "writer_throttle")
+        self.stall_file = os.path.join(self.workdir, "writer_stall")
         self.sim: SimProc | None = None
         self.s3 = None
         self.proxy = None
@@ -420,8 +424,7 @@ class Soak:
                 "DEGRADED_WINDOW": str(k["degraded_window"]), "DEGRADED_UPLOAD_AGE": str(k["degraded_upload_age"]),
                 "HEARTBEAT_INTERVAL": "5", "RECONNECT_MAX": "10",
                 "ALIGNMENT_TIMEOUT": str(k["alignment_timeout"]), "ALIGNMENT_MAX_WAIT": str(k["alignment_max_wait"]),
-                "UPLOAD_RETRY_MIN": "0.5", "UPLOAD_RETRY_MAX": "4", "WRITER_THROTTLE_FILE": self.throttle_file,
-                "PYTHONUNBUFFERED": "1"}
+                "UPLOAD_RETRY_MIN": "0.5", "UPLOAD_RETRY_MAX": "4", "PYTHONUNBUFFERED": "1"}
 
     def setup(self) -> None:
         from bench.slowproxy import SlowProxy
@@ -453,7 +456,7 @@ class Soak:
     def start_collector(self, overrides: dict | None = None) -> float:
         """Start a run; returns seconds until every stream is subscribed and the state is READY."""
         t0 = time.monotonic()
-        c = CollectorProc(self.workdir, self.env(overrides or {}), overrides or {})
+        c = CollectorProc(self.workdir, self.env(overrides or {}), overrides or {}, self.stall_file)
         self.col = c
         self.runs.append(c)
         for seg in self.segments:
@@ -567,15 +570,17 @@ class Soak:
         seg.notes["ready_s"] = self.start_collector(overrides)
         self.end(seg)
 
-    def set_throttle(self, seconds: float | None) -> None:
+    def set_writer_stall(self, seconds: float | None) -> None:
+        """The running collector's writer stalls this long after each take (bench/collector_slow.py
+        re-reads the file while stalling); None: no more stall, a stall under way ends."""
         if seconds is None:
-            if os.path.exists(self.throttle_file):
-                os.remove(self.throttle_file)
+            if os.path.exists(self.stall_file):
+                os.remove(self.stall_file)
             return
-        tmp = self.throttle_file + ".tmp"
+        tmp = self.stall_file + ".tmp"
         with open(tmp, "w") as f:
             f.write(str(seconds))
-        os.replace(tmp, self.throttle_file)
+        os.replace(tmp, self.stall_file)
 
     def rss_series(self, run: CollectorProc) -> list[tuple[float, int]]:
         return [(s["t"], s["rss"]) for s in run.samples]
@@ -648,7 +653,7 @@ def run_schedule(soak: Soak, scenarios, minutes: float, durations: dict | None =
         except Exception as e:  # noqa: BLE001 - a broken scenario is a failure, not the end
             seg.notes["error"] = repr(e)
             soak.log(f"scenario {sc.name} raised {e!r}")
-            soak.set_throttle(None)
+            soak.set_writer_stall(None)
             if soak.s3 is not None and not soak.s3.running:
                 soak.s3.start()
             if soak.col is None or not soak.col.alive:
@@ -706,11 +711,11 @@ class Stored:
     def load(self) -> None:
         import numpy as np
         import pyarrow.parquet as pq
-        from app.exchanges import RowSink, load as load_adapter
+        from app.exchanges import RowSink, create as create_adapter
         client = self.soak.s3.client()
         objs = self.soak.s3.objects(self.soak.bucket, self.soak.prefix + "/raw/")
         self.keys = sorted(objs)
-        adapters = {ex: load_adapter(ex) for ex in EXCHANGES}
+        adapters = {ex: create_adapter(ex) for ex in EXCHANGES}
         for key in self.keys:
             body = client.get_object(Bucket=self.soak.bucket, Key=key)["Body"].read()
             self.files += 1
@@ -1017,14 +1022,14 @@ def _trade_accounting(soak: Soak, stored: Stored, segs, widx):
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
-    from app.exchanges import load as load_adapter
+    from app.exchanges import create as create_adapter
     from app.gaps import SequenceTracker, _ints
     nseg = len(segs)
     out: dict = {}
     live_vs_stored: dict = {}
     order = {r.run_id: i for i, r in enumerate(soak.runs)}
     for ex in EXCHANGES:
-        rule = getattr(load_adapter(ex), "GAP_RULES", {}).get("trades")
+        rule = create_adapter(ex).GAP_RULES.get("trades")
         tables = []
         for (run, e), parts in stored.trades.items():
             if e == ex:
@@ -1305,10 +1310,10 @@ def main(argv=None) -> int:
     names = [n for x in a.scenario for n in x.split(",") if n]
     scenarios = select(names)
     # the analysis' imports now, so that code changed during a long soak cannot break its end
-    from app.exchanges import load as load_adapter
+    from app.exchanges import create as create_adapter
     import app.gaps  # noqa: F401
     for ex in EXCHANGES:
-        load_adapter(ex)
+        create_adapter(ex)
     random.seed(a.seed)
 
     def _term(*_a):            # SIGTERM: end like Ctrl-C, so the collector and the simulator go too

@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from app import settings as settings_mod, writer as writer_mod  # noqa: E402
-from app.exchanges import load  # noqa: E402
+from app.exchanges import create  # noqa: E402
 from app.state import State  # noqa: E402
 from app.handoff import FrameQueue, from_items  # noqa: E402
 from app.storage import LocalStorage  # noqa: E402
@@ -91,10 +91,10 @@ def main(argv=None) -> int:
             data_dir=d, exchanges=exchanges, writer_batch=args.chunk)
         state = State(exchanges=exchanges)
         w = writer_mod.Writer(s, FrameQueue(), state, LocalStorage(s, state),
-                              {ex: load(ex) for ex in exchanges}, on_control=lambda *a: None,
+                              {ex: create(ex) for ex in exchanges}, on_control=lambda *a: None,
                               run_id="R", version="bench")
         if args.per_frame:
-            w.batch_parsers = {}
+            w.encoder.batch_parsers = {}
         stop = threading.Event()
 
         def spin():

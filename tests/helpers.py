@@ -26,10 +26,15 @@ def sim_env(sim, exchanges=("binance", "bybit", "okx")) -> dict[str, str]:
     return env
 
 
-class CollectorProcess:
-    """bin/collector in a subprocess; its JSON log lines are collected as they arrive."""
+# bin/collector with a slow writer (`--writer-stall SECONDS`): the tests' fault injection
+SLOW_COLLECTOR = os.path.join(ROOT, "bench", "collector_slow.py")
 
-    def __init__(self, workdir, env: dict[str, str], args: list[str] = ()):
+
+class CollectorProcess:
+    """bin/collector (or `program`, e.g. SLOW_COLLECTOR) in a subprocess; its JSON log lines are
+    collected as they arrive."""
+
+    def __init__(self, workdir, env: dict[str, str], args: list[str] = (), program: str | None = None):
         self.workdir = str(workdir)
         base = {k: v for k, v in os.environ.items() if not k.endswith(("_WS_URL", "_REST_URL"))}
         base.update({"DATA_DIR": os.path.join(self.workdir, "data"), "STATUS_PORT": "0",
@@ -37,6 +42,7 @@ class CollectorProcess:
         base.update(env)
         self.env = base
         self.args = list(args)
+        self.program = program or os.path.join(ROOT, "bin", "collector")
         self.lines: list[dict] = []
         self.raw: list[str] = []
         self.proc: subprocess.Popen | None = None
@@ -48,7 +54,7 @@ class CollectorProcess:
         return self.env["DATA_DIR"]
 
     def start(self) -> "CollectorProcess":
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "bin", "collector"), *self.args],
+        self.proc = subprocess.Popen([sys.executable, self.program, *self.args],
                                      cwd=self.workdir, env=self.env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1)
         self._reader = threading.Thread(target=self._read, daemon=True)

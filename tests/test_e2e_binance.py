@@ -11,10 +11,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from app.exchanges import RowSink, load
+from app.exchanges import RowSink, create
 from app.gaps import SequenceTracker
-from tests.helpers import (CollectorProcess, count_rows, parquet_files, read_dataset, settle, sim_env,
-                           sim_quiet_baseline, wait_until)
+from tests.helpers import (SLOW_COLLECTOR, CollectorProcess, count_rows, parquet_files, read_dataset, settle,
+                           sim_env, sim_quiet_baseline, wait_until)
 
 SYMBOLS = "BTCUSDT,ETHUSDT,BTCUSDC"
 
@@ -28,12 +28,16 @@ def sim():
     s.stop()
 
 
-def collector(tmp_path, sim, **env):
+def collector(tmp_path, sim, writer_stall: float | None = None, **env):
+    """bin/collector with these settings; `writer_stall`: a writer that stalls this many seconds
+    after each take (bench/collector_slow.py)."""
     base = sim_env(sim, ("binance",))
     base.update({"EXCHANGES": "binance", "SYMBOLS": SYMBOLS, "FLUSH_INTERVAL": "0.5",
                  "ROTATE_INTERVAL": "2", "RECONNECT_MIN": "0.1", "RECONNECT_MAX": "1"})
     base.update({k.upper(): str(v) for k, v in env.items()})
-    return CollectorProcess(tmp_path, base)
+    if writer_stall is None:
+        return CollectorProcess(tmp_path, base)
+    return CollectorProcess(tmp_path, base, ["--writer-stall", str(writer_stall)], program=SLOW_COLLECTOR)
 
 
 def settle_and_stop(c: CollectorProcess, sim, exchange="binance", since=None) -> dict:
@@ -81,7 +85,7 @@ def test_rows_equal_what_the_simulator_sent(tmp_path, sim):
     assert counters["binance"]["frames_dropped"] == 0
     # values equal: re-parse the recorded payloads and compare with the bbo dataset row by row
     sink = RowSink()
-    adapter = load("binance")
+    adapter = create("binance")
     for conn_id, seq, ts, payload in zip(*(frames.column(n).to_pylist()
                                            for n in ("conn_id", "recv_seq", "ts_recv", "payload"))):
         try:
@@ -107,7 +111,7 @@ def test_rows_equal_what_the_simulator_sent(tmp_path, sim):
 
 def test_pressure_relief_counts_every_drop(tmp_path, sim):
     sim.set_rate(400.0)
-    with collector(tmp_path, sim, queue_maxsize=20, writer_throttle_s=0.05) as c:
+    with collector(tmp_path, sim, queue_maxsize=20, writer_stall=0.05) as c:
         c.wait_for("queue_full_drop", timeout=30)
         wait_until(lambda: c.metrics()["counters"]["binance"]["frames_dropped"] >= 200, 30,
                    what="200 frames dropped under pressure")
@@ -274,6 +278,6 @@ def test_rotation_before_forced_close_leaves_no_hole(tmp_path, sim):
         c.wait_for("ws_disconnect", lambda l: l["conn_id"] in first, count=2, timeout=20)
         settle_and_stop(c, sim)
     trades = read_dataset(c.data_dir, "trades").sort_by("recv_seq")
-    tracker = SequenceTracker("binance", "trades", load("binance").GAP_RULES["trades"])
+    tracker = SequenceTracker("binance", "trades", create("binance").GAP_RULES["trades"])
     assert tracker.observe(trades) == []
     assert len(set(trades.column("conn_id").to_pylist())) >= 2

@@ -1,5 +1,5 @@
 """The socket-thread -> writer hand-off: a queue bounded in frames, drops counted per frame."""
-from app.handoff import FrameQueue, Stamps, from_items, items_at
+from app.handoff import Frame, FrameQueue, Stamps, from_items, items_at
 
 
 def stamped(conn_id: int, seqs) -> Stamps:
@@ -38,3 +38,14 @@ def test_items_at_maps_chunk_positions_back_to_frames():
     assert len(batches) == 3
     assert items_at(batches, [0, 2, 3, 7]) == [items[0], items[2], items[3], items[7]]
     assert items_at(batches, range(8)) == items
+
+
+def test_a_frame_has_names_and_still_unpacks_as_the_adapters_do():
+    """The adapters' `parse(frame, sink)` unpacks its frame as a 5-tuple: the field order of
+    Frame is that contract; the writer reads the fields by name."""
+    batches = from_items([Frame("bybit", 4, 9, 1_009, b"x"), ("bybit", 4, 10, 1_010, b"y")])
+    f = items_at(batches, [1])[0]
+    assert isinstance(f, Frame)
+    assert (f.exchange, f.conn_id, f.recv_seq, f.ts_recv, f.payload) == ("bybit", 4, 10, 1_010, b"y")
+    _, conn_id, recv_seq, ts_recv, payload = f
+    assert (conn_id, recv_seq, ts_recv, payload) == (4, 10, 1_010, b"y")

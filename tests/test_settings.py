@@ -115,3 +115,10 @@ def test_bin_collector_exits_2_naming_the_setting(tmp_path):
     p = subprocess.run([sys.executable, os.path.join(ROOT, "bin", "collector"), "--exchanges", "ftx"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "exchanges" in p.stderr
+
+
+def test_a_comment_after_a_value_is_a_comment(tmp_path):
+    ini = tmp_path / "x.ini"
+    ini.write_text("[storage]\nspool_max_bytes = 53687091200 ; 50 GiB\nflush_interval = 3  # seconds\n")
+    s = settings.load(str(ini), environ={}, dotenv_path=str(tmp_path / ".env"))
+    assert s.spool_max_bytes == 53687091200 and s.flush_interval == 3.0

@@ -536,7 +536,7 @@ def test_counting_interface_unchanged():
 # ---- integration: bin/collector against the simulator ---------------------------------------
 
 import sim as sim_mod  # noqa: E402
-from tests.helpers import CollectorProcess, count_rows, sim_env  # noqa: E402
+from tests.helpers import SLOW_COLLECTOR, CollectorProcess, count_rows, sim_env  # noqa: E402
 
 
 def _refuse(sim, exchange: str, refuse: bool) -> None:
@@ -568,10 +568,11 @@ def test_collector_states_against_simulator(tmp_path):
     try:
         sim.pause("binance")
         env = dict(sim_env(sim, ("binance",)), EXCHANGES="binance", SYMBOLS="BTCUSDT,ETHUSDT",
-                   QUEUE_MAXSIZE="20", WRITER_THROTTLE_S="1.0", DEGRADED_WINDOW="3",
+                   QUEUE_MAXSIZE="20", DEGRADED_WINDOW="3",
                    HEARTBEAT_INTERVAL="2", RECONNECT_MIN="0.2", RECONNECT_MAX="0.5",
                    FLUSH_INTERVAL="0.5", ROTATE_INTERVAL="2")
-        with CollectorProcess(tmp_path, env) as cp:
+        # a writer that stalls 1 s after each take (bench/collector_slow.py): the queue fills
+        with CollectorProcess(tmp_path, env, ["--writer-stall", "1.0"], program=SLOW_COLLECTOR) as cp:
             port = cp.wait_for("status_listen")[0]["port"]
             cp.wait_for("state_change", lambda l: l["new"] == READY, timeout=30)
             assert _status(port, "/healthz")[0] == 200

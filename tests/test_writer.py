@@ -6,7 +6,7 @@ import time
 import pyarrow.parquet as pq
 
 from app import settings as settings_mod, writer as writer_mod
-from app.exchanges import load
+from app.exchanges import create
 from app.state import State
 from app.storage import LocalStorage
 from app.handoff import FrameQueue, from_items
@@ -14,14 +14,14 @@ from app.handoff import FrameQueue, from_items
 BOOK = b'{"stream":"btcusdt@bookTicker","data":{"e":"bookTicker","u":%d,"s":"BTCUSDT","b":"100.1","B":"1","a":"100.2","A":"2","T":1700000000000,"E":1700000000001}}'
 
 
-def make_writer(tmp_path, **over):
+def make_writer(tmp_path, writer_cls=writer_mod.Writer, **over):
     s = settings_mod.load(None, environ={}, dotenv_path=str(tmp_path / ".env")).replace(
         data_dir=str(tmp_path), exchanges=["binance"], **over)
     q = FrameQueue(maxsize=1000)
     state = State(exchanges=["binance"], queue=q)
     controls = []
-    w = writer_mod.Writer(s, q, state, LocalStorage(s, state), {"binance": load("binance")},
-                          on_control=lambda *a: controls.append(a), run_id="RUN1", version="t")
+    w = writer_cls(s, q, state, LocalStorage(s, state), {"binance": create("binance")},
+                   on_control=lambda *a: controls.append(a), run_id="RUN1", version="t")
     return w, q, state, controls
 
 
@@ -102,7 +102,7 @@ def test_frames_queued_just_before_stop_reach_parquet(tmp_path, monkeypatch):
     in Parquet. The parse interval and the flush interval are made longer than the test, so
     nothing but that final flush can write them."""
     from tests.helpers import wait_until
-    monkeypatch.setattr(writer_mod, "PARSE_INTERVAL_S", 3600.0)
+    monkeypatch.setattr(writer_mod.batching, "PARSE_INTERVAL_S", 3600.0)
     w, q, state, _ = make_writer(tmp_path, flush_interval=3600.0, rotate_interval=3600.0)
     for batch in from_items(items(20, 1)):
         q.put_nowait(batch)
@@ -191,7 +191,7 @@ def test_spools_are_fsynced_off_the_writer_thread_and_descriptors_closed(tmp_pat
             release.wait(10)             # hold the first pass, so later hand-overs coalesce
             events.append(("fsync", path, threading.current_thread().name))
         real_fsync(fd)
-    monkeypatch.setattr(writer_mod.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
 
     def spool_fds():
         return [f for f in os.listdir("/proc/self/fd")
@@ -246,7 +246,7 @@ def test_a_failed_spool_fsync_is_an_error_not_silence(tmp_path, monkeypatch):
         if "/spool/" in os.readlink(f"/proc/self/fd/{fd}"):
             raise OSError(errno.EIO, "I/O error")
         real_fsync(fd)
-    monkeypatch.setattr(writer_mod.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     w, q, state, _ = make_writer(tmp_path)
     w.process(from_items(items(5, 1)))
     w.flush()
@@ -255,3 +255,38 @@ def test_a_failed_spool_fsync_is_an_error_not_silence(tmp_path, monkeypatch):
     w.process(from_items(items(5, 6)))      # parsing and spooling go on
     w.flush()
     assert state.total("rows_written", "binance") == 10
+
+
+def test_the_injected_slow_writer_stalls_while_its_file_says_so_and_stops_at_once(tmp_path):
+    """The soak's and the tests' slow writer (bench/collector_slow.py; production has no such
+    knob): the Writer takes through a view of its queue that stalls after every take that found
+    frames, for the seconds in the stall file. Meanwhile the real queue fills and drops; removing
+    the file ends the stall and the writer catches up; the writer's stop ends a stall at once,
+    and every frame taken still reaches Parquet."""
+    from bench.collector_slow import SlowWriter, Stall
+    from tests.helpers import wait_until
+    stall_file = tmp_path / "stall"
+    stall_file.write_text("3600")
+
+    class Stalled(SlowWriter):
+        stall = Stall(0.0, str(stall_file))
+    w, q, state, _ = make_writer(tmp_path, writer_cls=Stalled)
+    for batch in from_items(items(10, 1)):
+        q.put_nowait(batch)
+    w.start()
+    wait_until(lambda: q.qsize() == 0, 10, interval=0.01, what="the first take")   # now stalled
+    assert q.offer(from_items(items(1000, 11))[0]) == 0          # the queue fills ...
+    assert q.offer(from_items(items(5, 1011))[0]) == 5           # ... and drops
+    assert w.frames_processed == 0                                # still in the first stall
+    stall_file.unlink()                                           # recovers without a restart
+    wait_until(lambda: w.frames_processed == 1010, 10, interval=0.01, what="the backlog taken")
+    stall_file.write_text("3600")
+    for batch in from_items(items(5, 1016)):
+        q.put_nowait(batch)
+    wait_until(lambda: q.qsize() == 0, 10, interval=0.01, what="the take that stalls")
+    t0 = time.monotonic()
+    w.stop(timeout=30)
+    assert not w.is_alive() and time.monotonic() - t0 < 10       # not 3600 s
+    assert state.total("rows_written", "binance", "bbo") == 1015
+    files = glob.glob(str(tmp_path / "raw/v1/bbo/**/*.parquet"), recursive=True)
+    assert sum(pq.read_metadata(p).num_rows for p in files) == 1015
