@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", dest="data_dir", help="local root / spool directory")
     p.add_argument("--status-port", dest="status_port", help="status API port")
     p.add_argument("--instance-id", dest="instance_id", help="names this instance's files")
+    p.add_argument("--shard", help="i/N: record shard i of N of each exchange's symbols (default 0/1: all)")
+    p.add_argument("--replica", help="a label (a, b...) when two instances record the same shard")
     p.add_argument("--probe", action="store_true",
                    help="connect to the configured endpoints, subscribe every kind for a few symbols "
                         "(default BTCUSDT,ETHUSDT), write nothing, print what came back; exit 0 if "

@@ -71,6 +71,7 @@ class Collector:
         self.state = State(version=__version__, instance_id=s.instance_id, run_id=self.run_id,
                            exchanges=s.exchanges, queue=self.queue)
         self.state.data_dir = s.data_dir
+        self.state.shard, self.state.replica = str(s.shard), s.replica
         self.storage = storage_mod.build(s, self.state)
         self.monitor: Monitor | None = None
         self.status_server: StatusServer | None = None
@@ -169,7 +170,8 @@ class Collector:
 
     def _plan(self, name: str, adapter, listed: list) -> None:
         s = self.settings
-        instruments, missing = resolve_symbols(s.symbols, listed)
+        requested, missing = resolve_symbols(s.symbols, listed)
+        instruments = [i for i in requested if s.shard.owns(name, i.symbol)]    # this shard's part
         unknown = {sym: close_matches(sym, listed) for sym in missing}
         if unknown:
             log.warning("symbols_not_listed", extra={"exchange": name, "symbols": missing,
@@ -178,12 +180,14 @@ class Collector:
         streams = [st for inst in instruments for st in adapter.streams_for(inst, s.datasets)]
         plans = adapter.plan_connections(streams, s.max_streams_per_connection)
         log.info("plan", extra={"exchange": name, "symbols": len(instruments), "streams": len(streams),
-                                "connections": len(plans)})
+                                "connections": len(plans), "shard": str(s.shard),
+                                "universe": len(requested)})
         self.gap_detector.add_streams(name, streams)
         for plan in plans:
             self.manager.add_plan(plan)
         self.state.discovery[name] = {"status": "done", "instruments": len(listed),
-                                      "symbols": len(instruments), "streams": len(streams),
+                                      "universe": len(requested), "symbols": len(instruments),
+                                      "streams": len(streams),
                                       "unknown_symbols": unknown, "at": _iso(time.time())}
         self._check_any_symbol_known()
 
@@ -191,7 +195,7 @@ class Collector:
         """Exit 2 when every exchange has answered and none lists any requested symbol."""
         with self._lock:
             done = [d for d in self.state.discovery.values() if d.get("status") == "done"]
-            if len(done) < len(self.adapters) or any(d["symbols"] for d in done):
+            if len(done) < len(self.adapters) or any(d["universe"] for d in done):
                 return
         unknown = {ex: d["unknown_symbols"] for ex, d in self.state.discovery.items()}
         hints = sorted({m for per in unknown.values() for ms in per.values() for m in ms})
@@ -215,6 +219,7 @@ class Collector:
             self._apply_listing(name, adapter, found.instruments)
 
     def _apply_listing(self, name, adapter, instruments) -> None:
+        instruments = [i for i in instruments if self.settings.shard.owns(name, i.symbol)]
         old = {i.symbol for i in self.instruments.get(name, [])}
         new = {i.symbol for i in instruments}
         added = [i for i in instruments if i.symbol not in old]

@@ -99,13 +99,17 @@ ROW_INDEX: dict[str, dict[str, int]] = {
 
 
 def file_metadata(dataset: str, exchange: str, *, collector_version: str, instance_id: str,
-                  run_id: str) -> dict[bytes, bytes]:
+                  run_id: str, shard: str = "0/1", replica: str = "") -> dict[bytes, bytes]:
+    """The contract's keys, plus `shard` (i/N) and `replica` (a label, "" for none): added so that
+    check_raw_sanity can tell which part of the universe a file covers, and which twin wrote it."""
     meta = {"schema_version": SCHEMA_VERSION, "dataset": dataset, "exchange": exchange,
-            "collector_version": collector_version, "instance_id": instance_id, "run_id": run_id}
+            "collector_version": collector_version, "instance_id": instance_id, "run_id": run_id,
+            "shard": shard, "replica": replica}
     return {k.encode(): v.encode() for k, v in meta.items()}
 
 
 REQUIRED_METADATA = ("schema_version", "dataset", "exchange", "collector_version", "instance_id", "run_id")
+SCALE_METADATA = ("shard", "replica")          # since scale-out; files written before have neither
 
 
 class RowError(ValueError):

@@ -13,6 +13,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from app import sharding
 from app.errors import SettingsError
 from app.exchanges import EXCHANGES
 from app.schema import DATASETS
@@ -76,6 +77,11 @@ def _one_of(*allowed):
     return check
 
 
+def _label(v):
+    if v and not re.match(r"^[A-Za-z0-9_.-]{1,32}$", v):
+        raise ValueError("letters, digits, '_', '.', '-' only, at most 32")
+
+
 def _url(*schemes):
     def check(v):
         if not re.match(rf"^({'|'.join(schemes)})://[^/\s]+", v):
@@ -103,6 +109,11 @@ KEYS = [
         help="bbo, trades, mark_price, funding, open_interest (frames are always written)"),
     Key("instance_id", "collector", str, None,
         help="names this instance's files (default: the host name); letters, digits, _ . -"),
+    Key("shard", "collector", sharding.parse, sharding.ALL,
+        help="i/N: record only the symbols whose stable hash of (exchange, symbol) mod N is i; "
+             "N instances with 0..N-1 record the universe once"),
+    Key("replica", "collector", str, "", _label,
+        help="a label (a, b...) for instances that record the same shard twice; in every file's metadata"),
     Key("discovery_interval", "collector", float, 3600.0, _positive,
         help="seconds between instrument listings with symbols = ALL (new listings join, delisted leave)"),
     Key("storage_backend", "storage", str, "local", _one_of("local", "s3"),
@@ -231,7 +242,9 @@ class Settings:
 
     def public(self) -> dict[str, Any]:
         """All settings for logs and the status API, secrets masked."""
-        return {k.name: ("***" if k.secret and self._values[k.name] else self._values[k.name]) for k in KEYS}
+        out = {k.name: ("***" if k.secret and self._values[k.name] else self._values[k.name]) for k in KEYS}
+        out["shard"] = str(out["shard"])
+        return out
 
     def ws_url(self, exchange: str) -> str:
         return self._values[f"{exchange}_ws_url"]
@@ -349,6 +362,8 @@ def _shown_default(k: Key) -> str:
         return "host name"
     if isinstance(k.default, list):
         return ",".join(k.default)
+    if isinstance(k.default, sharding.Shard):
+        return str(k.default)
     if isinstance(k.default, float) and k.default.is_integer():
         return str(int(k.default))
     return str(k.default) if k.default != "" else "-"

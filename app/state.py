@@ -64,6 +64,7 @@ class State:
         self.storage_problem: dict | None = None   # S3 only: the store does not answer (setting, reason)
         self.discovery: dict[str, dict] = {}       # exchange -> what discovery is doing (collector)
         self.data_dir: str | None = None           # for the disk-free gauge
+        self.shard, self.replica = "0/1", ""       # which part of the universe this instance records
         self.gap_log: list[dict] = []
         # gap detector (app/gaps.py, app/alignment.py): latest gaps per exchange (gap_detected
         # records + "at"), the last alignment_done summary, the measured server clock offset
@@ -453,6 +454,7 @@ class Monitor:
                              "silent_streams": len(st.silent_streams.get(ex, ())),
                              "streams": {k: sub.get(k, 0) for k in ("requested", "live", "pending", "rejected")}}
         beat = {"state": st.state, "reasons": list(st.reasons), "uptime_s": round(now - st.started_at, 1),
+                "shard": st.shard, "replica": st.replica,
                 "interval_s": round(dt, 3), "exchanges": exchanges,
                 "queue": {"size": q["size"], "capacity": q["capacity"],
                           "utilisation": q["utilisation"], "peak": round(peak, 4)},
@@ -504,6 +506,7 @@ class Monitor:
                 "since": _iso(st.state_since), "uptime_s": round(now - st.started_at, 1),
                 "started_at": _iso(st.started_at), "version": st.version,
                 "instance_id": st.instance_id, "run_id": st.run_id, "stopping": st.stopping,
+                "shard": st.shard, "replica": st.replica,
                 "exchanges": exchanges, "queue": st.queue_figures(int(now * 1e9)),
                 "writer_error": st.writer_error, "fatal_error": st.fatal_error,
                 "discovery": {ex: dict(d) for ex, d in list(st.discovery.items())},

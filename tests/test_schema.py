@@ -76,9 +76,13 @@ def test_frames_table_keeps_non_utf8_frames_escaped():
 
 
 def test_metadata_keys():
-    meta = schema.file_metadata("bbo", "okx", collector_version="1", instance_id="i", run_id="r")
-    assert {k.decode() for k in meta} == set(schema.REQUIRED_METADATA)
-    assert meta[b"schema_version"] == b"1"
+    """The contract's keys, and since scale-out the shard and replica that wrote the file."""
+    meta = schema.file_metadata("bbo", "okx", collector_version="1", instance_id="i", run_id="r",
+                                shard="2/3", replica="b")
+    assert {k.decode() for k in meta} == set(schema.REQUIRED_METADATA) | set(schema.SCALE_METADATA)
+    assert meta[b"schema_version"] == b"1" and (meta[b"shard"], meta[b"replica"]) == (b"2/3", b"b")
+    plain = schema.file_metadata("bbo", "okx", collector_version="1", instance_id="i", run_id="r")
+    assert (plain[b"shard"], plain[b"replica"]) == (b"0/1", b"")
 
 
 def test_parquet_options_per_dataset_and_exchange(tmp_path):

@@ -97,7 +97,8 @@ class Writer(threading.Thread):
         self.encoder = Encoder(adapters, settings.datasets, state, on_control)
         self.syncer = Syncer(state)
         self.spools = Spools(self.spool_dir, state, self.syncer, instance_id=self.instance_id,
-                             run_id=run_id, version=version)
+                             run_id=run_id, version=version, shard=str(settings.shard),
+                             replica=settings.replica)
         self.finalizer = Finalizer(self.data_dir, storage, state)
         self.pacer = Pacer()
         # shared with the feed (last ids per stream) and the gap detector (tables spooled)

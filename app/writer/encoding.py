@@ -202,11 +202,12 @@ class Spools:
     flush); `close_all` ends them (a rotation) and returns their paths, for the finalizer."""
 
     def __init__(self, directory: str, state, syncer: "Syncer", *, instance_id: str, run_id: str,
-                 version: str):
+                 version: str, shard: str = "0/1", replica: str = ""):
         self.directory = directory
         self.state = state
         self.syncer = syncer
         self.instance_id, self.run_id, self.version = instance_id, run_id, version
+        self.shard, self.replica = shard, replica
         self.observers: list = []      # callables(exchange, dataset, table) per table spooled
         self._open: dict[tuple[str, str, str], Spool] = {}
         self._seq = 0
@@ -235,7 +236,8 @@ class Spools:
         if spool is None:
             self._seq += 1
             meta = schema.file_metadata(dataset, exchange, collector_version=self.version,
-                                        instance_id=self.instance_id, run_id=self.run_id)
+                                        instance_id=self.instance_id, run_id=self.run_id,
+                                        shard=self.shard, replica=self.replica)
             spool = self._open[key] = Spool(self.directory, dataset, exchange, date,
                                             self.instance_id, self.run_id, self._seq, meta)
         return spool
