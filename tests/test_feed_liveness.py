@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.helpers import CollectorProcess, wait_until
-from tests.wsserver import CLOSE, PING, PONG, WsServer
+from tests.wsserver import CLOSE, PING, PONG, WsServer, binance_manager
 
 
 @pytest.fixture(scope="module")
@@ -159,11 +159,6 @@ def test_stop_survives_the_socket_thread_tearing_the_socket_down(tmp_path, monke
     stopping thread, and the test checks that it happened."""
     import websocket
 
-    from app import feed, settings as settings_mod
-    from app.exchanges import ConnectionPlan, Stream, create
-    from app.handoff import FrameQueue
-    from app.state import State
-
     def closes_after_close_frame(conn):
         conn.handshake()
         while True:
@@ -183,13 +178,7 @@ def test_stop_survives_the_socket_thread_tearing_the_socket_down(tmp_path, monke
                 time.sleep(0.005)     # polling for the condition (the socket thread's teardown)
             torn_down_first.append(self.sock is None)
     with srv:
-        s = settings_mod.load(None, environ={}, dotenv_path=str(tmp_path / ".env")).replace(
-            exchanges=["binance"], binance_ws_url=srv.url, data_dir=str(tmp_path))
-        q = FrameQueue()
-        state = State(exchanges=["binance"], queue=q)
-        m = feed.Manager(s, {"binance": create("binance")}, q, state, {})
-        m.start([ConnectionPlan("binance", "/public", [
-            Stream("btcusdt@bookTicker", "BTCUSDT", "bookTicker", ("bbo",), "/public")])])
+        m, q = binance_manager(tmp_path, srv.url)
         wait_until(lambda: m.connections and m.connections[0].connected, 10, what="connected")
         monkeypatch.setattr(websocket.WebSocket, "send_close", send_close)
         m.stop()                                  # must not raise on the torn-down socket

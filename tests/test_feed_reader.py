@@ -24,7 +24,7 @@ import websocket
 
 from app import feed, wsframes
 from tests.helpers import wait_until
-from tests.wsserver import BINARY, CLOSE, PING, PONG, TEXT, WsServer, self_signed_context
+from tests.wsserver import BINARY, CLOSE, PING, PONG, TEXT, WsServer, binance_manager, self_signed_context
 
 
 def frame(payload: bytes, opcode: int = TEXT, fin: bool = True, rsv: int = 0, mask: bytes | None = None) -> bytes:
@@ -346,10 +346,6 @@ def test_connections_decode_with_wsframes_not_websocket_clients_reading(tmp_path
     so only counting calls shows it. Written against observable behaviour (frames in the queue,
     calls into the decoder and websocket-client's public WebSocket methods), not feed.py's own
     names, so that it keeps guarding a rewrite of the reader."""
-    from app import settings as settings_mod
-    from app.exchanges import ConnectionPlan, Stream, create
-    from app.handoff import FrameQueue
-    from app.state import State
     from tests.wsserver import frame as server_frame
 
     n = 5000
@@ -399,13 +395,7 @@ def test_connections_decode_with_wsframes_not_websocket_clients_reading(tmp_path
             calls[k] = 0
         pongs.clear()
 
-        s = settings_mod.load(None, environ={}, dotenv_path=str(tmp_path / ".env")).replace(
-            exchanges=["binance"], binance_ws_url=srv.url, data_dir=str(tmp_path))
-        q = FrameQueue()
-        state = State(exchanges=["binance"], queue=q)
-        m = feed.Manager(s, {"binance": create("binance")}, q, state, {})
-        m.start([ConnectionPlan("binance", "/public", [
-            Stream("btcusdt@bookTicker", "BTCUSDT", "bookTicker", ("bbo",), "/public")])])
+        m, q = binance_manager(tmp_path, srv.url)
         got = []
         try:
             def all_in():

@@ -209,3 +209,19 @@ class WsServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def binance_manager(tmp_path, url: str):
+    """A feed.Manager with one real Binance connection (btcusdt@bookTicker on /public) to `url`,
+    started; no writer: the test reads the queue itself. -> (manager, queue)."""
+    from app import feed, settings as settings_mod
+    from app.exchanges import ConnectionPlan, Stream, create
+    from app.handoff import FrameQueue
+    from app.state import State
+    s = settings_mod.load(None, environ={}, dotenv_path=str(tmp_path / ".env")).replace(
+        exchanges=["binance"], binance_ws_url=url, data_dir=str(tmp_path))
+    q = FrameQueue()
+    m = feed.Manager(s, {"binance": create("binance")}, q, State(exchanges=["binance"], queue=q), {})
+    m.start([ConnectionPlan("binance", "/public", [
+        Stream("btcusdt@bookTicker", "BTCUSDT", "bookTicker", ("bbo",), "/public")])])
+    return m, q

@@ -36,7 +36,7 @@ import ujson
 from app.exchanges import (Control, Discovery, FrameError, Instrument, Keepalive, RowSink, SequenceRule,
                            Stream)
 from app.exchanges.channels import INT, STR, Channel, Frame, Table, flag, get, need, span
-from app.exchanges.common import AdapterBase, chunks, listing, retry_after
+from app.exchanges.common import SHAPE_ERRORS, AdapterBase, chunks, json_object, listing, retry_after
 
 PARAMS_PER_REQUEST = 100                      # streams per SUBSCRIBE request
 _QUOTES = ("USDT", "USDC")
@@ -112,9 +112,7 @@ class BinanceAdapter(AdapterBase):
 
     def parse(self, item: tuple, sink: RowSink) -> Control | None:
         _, conn_id, recv_seq, ts_recv, payload = item
-        msg = ujson.loads(payload)
-        if type(msg) is not dict:
-            raise FrameError("not a JSON object")
+        msg = json_object(payload)
         data = msg.get("data")
         by_event = self._by_event
         try:
@@ -141,7 +139,7 @@ class BinanceAdapter(AdapterBase):
                 return None
         except FrameError:
             raise
-        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
+        except SHAPE_ERRORS as e:
             raise FrameError(f"malformed data frame: {e!r}") from None
         if "result" in msg and "id" in msg:
             return Control("ack" if msg["result"] is None else "info", msg["id"], ujson.dumps(msg["result"]))

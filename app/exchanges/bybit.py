@@ -55,7 +55,8 @@ import ujson
 from app.exchanges import ConnectionPlan, Control, Discovery, FrameError, Instrument, Keepalive, RowSink, Stream
 from app.exchanges.channels import (BOOL, INT, STR, Channel, Frame, Rows, Table, blank, env, first, get, lookup,
                                     need, nonblank, present)
-from app.exchanges.common import AdapterBase, chunks, listing, request_id, retry_after, split_by_path
+from app.exchanges.common import (SHAPE_ERRORS, AdapterBase, chunks, json_object, listing, request_id,
+                                  retry_after, split_by_path)
 
 PATH = "/v5/public/linear"
 ARGS_CHARS_PER_CONNECTION = 21_000          # documented limit on one connection's args
@@ -147,9 +148,7 @@ class BybitAdapter(AdapterBase):
 
     def parse(self, item: tuple, sink: RowSink) -> Control | None:
         _, conn_id, recv_seq, ts_recv, payload = item
-        msg = ujson.loads(payload)
-        if type(msg) is not dict:
-            raise FrameError("not a JSON object")
+        msg = json_object(payload)
         topic = msg.get("topic")
         if topic is None:
             return _control(msg)
@@ -163,7 +162,7 @@ class BybitAdapter(AdapterBase):
             rows(msg, data, ts_recv, conn_id, recv_seq, sink)
         except FrameError:
             raise
-        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:   # wrong shapes inside a frame
+        except SHAPE_ERRORS as exc:   # wrong shapes inside a frame
             raise FrameError(f"malformed {topic!r} frame: {exc!r}") from None
         sink.last_seen[topic] = ts_recv
         return None

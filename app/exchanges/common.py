@@ -10,10 +10,12 @@ Sans-I/O.
 from __future__ import annotations
 
 import math
+
+import ujson
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from app.exchanges import BatchResult, ConnectionPlan, Control, Instrument, Stream
+from app.exchanges import BatchResult, ConnectionPlan, Control, FrameError, Instrument, Stream
 from app.exchanges import batch as B
 from app.exchanges.channels import Table
 
@@ -100,6 +102,19 @@ class AdapterBase:
     def parse_latest_trade(self, body: object) -> tuple[str, int] | None:
         trades = self.parse_recent_trades(body)
         return trades[-1] if trades else None
+
+
+# Exceptions a frame of the wrong shape raises inside a parser (a missing key, a list where an
+# object was expected...): the parsers turn them into FrameError, one frame counted as unparsed.
+SHAPE_ERRORS = (KeyError, TypeError, IndexError, AttributeError, ValueError)
+
+
+def json_object(payload) -> dict:
+    """A frame's JSON, which must be an object (anything else is a FrameError)."""
+    msg = ujson.loads(payload)
+    if type(msg) is not dict:
+        raise FrameError("not a JSON object")
+    return msg
 
 
 def chunks(items: Sequence, max_count: float = math.inf, max_size: float = math.inf,

@@ -60,7 +60,7 @@ import ujson
 
 from app.exchanges import Control, Discovery, FrameError, Instrument, Keepalive, RowSink, SequenceRule, Stream
 from app.exchanges.channels import INT, STR, Channel, Frame, Table, blank, env, first, first_id, get, need
-from app.exchanges.common import AdapterBase, chunks, listing, request_id, retry_after
+from app.exchanges.common import SHAPE_ERRORS, AdapterBase, chunks, json_object, listing, request_id, retry_after
 
 PATH = "/ws/v5/public"
 ARGS_PER_REQUEST = 100                            # 480 (un)subscribe requests per hour per connection
@@ -147,9 +147,7 @@ class OkxAdapter(AdapterBase):
         _, conn_id, recv_seq, ts_recv, payload = item
         if payload == b"pong" or payload == "pong":
             return _PONG
-        msg = ujson.loads(payload)
-        if type(msg) is not dict:
-            raise FrameError("not a JSON object")
+        msg = json_object(payload)
         data = msg.get("data")
         if data is not None:
             try:
@@ -161,7 +159,7 @@ class OkxAdapter(AdapterBase):
                 rows(msg, data, ts_recv, conn_id, recv_seq, sink)
             except FrameError:
                 raise
-            except (KeyError, TypeError, IndexError, AttributeError, ValueError) as exc:   # wrong shapes inside a frame
+            except SHAPE_ERRORS as exc:   # wrong shapes inside a frame
                 raise FrameError(f"malformed data frame: {exc!r}") from None
             sink.last_seen[f"{channel}:{inst_id}"] = ts_recv
             return None
