@@ -1,9 +1,14 @@
 """The checks behind bin/check_raw_sanity: verify stored RAW data, flag, never fix.
 
 Why a separate pass over stored files: the live collector knows what it saw; this knows what is
-on disk (or in S3) for a day, after uploads, crashes, restarts and several instances. It reads
-with pyarrow, one file at a time, only the columns a check needs, so a day of every perpetual
-(~100 M rows) checks in bounded memory (bench/sanity_large.py measures it).
+on disk (or in S3) for a day, after uploads, crashes, restarts and several instances (shards of
+the universe, and replicas: twins of a shard on other machines, all writing to one root). It
+reads with pyarrow only the columns a check needs, file by file (large files batch by batch), so
+a day of every perpetual (~100 M rows) checks in bounded memory (bench/sanity_large.py measures
+it).
+
+Every file's key-value metadata names its instance, run, `shard` ("i/N") and `replica` (a label,
+"" for none); files written before scale-out have neither and count as shard 0/1, replica "".
 
 Checks (exit 2 = schema/readability violation, 1 = findings, 0 = clean):
 
@@ -11,40 +16,79 @@ Checks (exit 2 = schema/readability violation, 1 = findings, 0 = clean):
   the first layout's `exchange=<x>/` directories; these are a finding that names the command
   moving them (`--migrate-layout`, app/migrate.py).
 - schema: each file's Arrow schema equals app.schema.SCHEMAS[dataset] (names, types, order,
-  nullability) and carries REQUIRED_METADATA matching its partition; its exchange column and
-  ts_recv statistics agree with the exchange directory and the `date=` partition; unreadable,
-  truncated or corrupt files are violations.
+  nullability) and carries REQUIRED_METADATA matching its partition (and a valid `shard` where
+  there is one); its exchange column and ts_recv statistics agree with the exchange directory
+  and the `date=` partition; unreadable, truncated or corrupt files are violations.
 - accounting: per run (`run_id`), holes in `recv_seq` over the `frames` of every exchange (the
   sequence is process-wide). A lost frame's exchange is unknown: a hole is attributed to the
   exchange of the frames on both sides when they agree, else to both (label "binance|okx").
   Only holes between the first and last frame of the run inside the checked dates can be seen.
-- gaps: sequence gaps with the adapters' GAP_RULES through app.gaps.SequenceTracker (the live
-  detector's code); time gaps per (exchange, dataset, symbol) for streams with a cadence
-  (app.gaps.TimeGapTracker, limit time_gap_limit_s: max(floor, factor x cadence)), on the
-  stream's first dataset (as live); event-driven streams (trades, Binance bookTicker, OKX open
-  interest) have no time gaps: quiet markets are normal.
-- offline: spans where an exchange has no frame at all for longer than the threshold, from the
-  frames' ts_recv (1-second buckets holding exact min/max, so file order and instances do not
-  matter); by default the start of the first day and the end of the last complete day count
-  as edges (a collector down at midnight is offline); totals per exchange and day. A day not
-  over yet (today) is looked at from its first file on (the hours before the collector started
-  that day are not offline) up to now.
+- the union of instances: what a replica recorded twice is one message, and what one replica
+  missed and its twin recorded is not lost. So every data dataset is judged on the union of all
+  instances' rows, in slices of the exchange's own time (ts_exchange, else ts_event, else
+  ts_recv: the same in every copy of a message): files are read in ts_recv order, merged, and
+  a slice is judged once every file that could still hold rows of it has been read (rows reach
+  us at most UNION_MARGIN_S after their exchange time; later ones are counted and noted) and
+  UNION_SLICE_ROWS new rows are waiting (per-slice costs amortised). Memory is those rows, the
+  margin's and one file (or batch) per instance open at that time, not the day.
+  In each slice:
+  - duplicates: a message's identity is the dataset's key: (symbol, trade_id) for trades,
+    (symbol, update_id, else seq) for bbo, (symbol, ts_exchange) for the others (rows without
+    one are each unique). Per (exchange, dataset): `rows` (all stored), `unique_rows`,
+    `duplicates_across_instances` (a copy of a message another instance also recorded: the
+    replicas' overlap) and `duplicates_within_instance` (the same message twice in one instance,
+    in one file or across its files and runs, e.g. a connection rotation's overlap); rows =
+    unique + across + within. Identities of the last UNION_TAIL_S of each slice are carried to
+    the next, so a re-send a little later still counts as a duplicate. Reported, never a
+    finding (Bybit re-sends unchanged snapshots with the same update id).
+  - sequence gaps with the adapters' GAP_RULES through app.gaps.SequenceTracker (the live
+    detector's code), fed the slice's rows sorted by (symbol, id): an id one replica missed and
+    another recorded is no gap; time gaps per (exchange, dataset, symbol) for streams with a
+    cadence (app.gaps.TimeGapTracker, limit time_gap_limit_s: max(floor, factor x cadence)), on
+    the stream's first dataset (as live), over the union too; event-driven streams (trades,
+    Binance bookTicker, OKX open interest) have no time gaps: quiet markets are normal.
+  - content of each message once (crossed/locked BBO, non-positive prices/sizes, invalid trade
+    side); clock skew is per copy (it judges the recording instance's clock).
+- offline: spans where a shard of an exchange (the union of its replicas) has no frame at all
+  for longer than the threshold, from the frames' ts_recv (1-second buckets holding exact
+  min/max, so file order and instances do not matter): a shard whose twins were both down is
+  offline even while other shards ran. By default the start of the first day and the end of the
+  last complete day count as edges (a collector down at midnight is offline); downtime per
+  exchange (any shard offline) and per shard, per day. A day not over yet (today) is looked at
+  from its first file on (the hours before the collector started that day are not offline) up
+  to now. An expected shard (0..N-1 of an N seen) without frames is offline all the window.
+- replicas: the same windows per (exchange, shard, replica) where a shard has twins; a window
+  its shard's union does not share is `covered_by` the twin(s) that recorded meanwhile: not a
+  loss, not a finding (the report says who covered it).
+- coverage: the universe per exchange = the requested symbols (Options.symbols: the settings'
+  `symbols`, ALL = every listed one) resolved (app.exchanges.resolve_symbols) against the
+  instruments of the checked days' reference snapshots (reference/<exchange>/instruments-<fetch
+  time>-<instance>.parquet, union over instances); no snapshot: coverage unknown (a note). A
+  universe symbol without a row in any dataset of its exchange is a finding naming the shard
+  that owns it (app.sharding.shard_of with the N of the files) and whether that shard wrote
+  anything. Shards seen vs expected (0..N-1): a shard that wrote nothing is a finding; files of
+  one exchange with different N (a resharding in the checked days) are a finding, and coverage
+  is given per N too; a symbol recorded by a shard that does not own it is a finding.
+- instances: each instance (id, shard, replica, runs, exchanges, first/last ts_recv, files,
+  rows) is listed.
 
 Which day: --date/--from/--to, else the last complete UTC day that has data (the most recent
 date partition before today; today if only today has data); no data at all under the root is a
 finding ("no data under <root>"), a root that does not exist a violation.
-- content (flag, never fix): crossed/locked BBO, non-positive prices/sizes, invalid trade side,
-  ts_recv going backwards within a connection, |ts_exchange - ts_recv| over the skew threshold
-  (ts_event where the exchange sends no message time), and duplicate rows within a file
-  (reported, never a finding: Bybit re-sends unchanged snapshots with the same update id).
+Content flags (never fixed): crossed/locked BBO, non-positive prices/sizes, invalid trade side,
+ts_recv going backwards within a connection, |ts_exchange - ts_recv| over the skew threshold
+(ts_event where the exchange sends no message time); duplicates as above.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime as dt
+import heapq
+import itertools
 import json
 import os
+import re
 import sys
 import time
 from collections import deque
@@ -58,8 +102,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from app import migrate, schema
-from app.exchanges import EXCHANGES, Instrument
+from app import migrate, schema, sharding
+from app.exchanges import EXCHANGES, Instrument, resolve_symbols
 from app.exchanges import create as create_adapter
 from app.gaps import Gap, SequenceTracker, TimeGapTracker, time_gap_limit_s
 
@@ -70,6 +114,12 @@ PREFETCH_ROWS = 2_000_000       # ... holding at most this many rows
 EX_CODE = {ex: i + 1 for i, ex in enumerate(EXCHANGES)}      # 0 = "not seen" in run bitmaps
 CODE_EX = {v: k for k, v in EX_CODE.items()}
 SCHEMA_KINDS = ("unreadable", "schema")                       # violations whose data is not read
+# the union of instances (see the module docstring): slices of exchange time
+UNION_MARGIN_S = 120.0          # a row reaches us at most this long after its exchange time
+UNION_SLICE_ROWS = 50_000       # new rows buffered before a slice is judged (per-slice costs amortised)
+UNION_TAIL_S = 120.0            # identities carried from one slice to the next (re-sends)
+_I64_MAX, _I64_MIN = np.iinfo(np.int64).max, np.iinfo(np.int64).min
+_REFERENCE_NAME = re.compile(r"^instruments-(\d{8})T\d{6}Z-(.+)\.parquet$")
 
 
 # ---- options -------------------------------------------------------------------------------------
@@ -90,6 +140,7 @@ class Options:
     now_ns: int | None = None                    # tests: "now" for the last-day edge
     workers: int = 8                             # footer reads in parallel (S3 latency)
     config: str | None = None                    # --config, repeated in the --migrate-layout hint
+    symbols: list[str] | None = None             # requested symbols (coverage); None: not known
 
 
 def parse_duration(text: str) -> float:
@@ -184,6 +235,12 @@ class FileInfo:
     min_seq: int | None
     max_seq: int | None
     readable_data: bool = True      # False: schema/readability violation, data not read
+    shard: sharding.Shard = sharding.ALL     # files written before scale-out: 0/1
+    replica: str = ""
+
+    @property
+    def shard_text(self) -> str:
+        return str(self.shard)
 
 
 def exchange_dirs(fs, base: str, exchanges: list[str] | None = None, frames_all: bool = False):
@@ -307,6 +364,12 @@ def read_footer(fs, ref: FileRef) -> tuple[FileInfo | None, list[dict]]:
                       ("exchange", ref.exchange)):
         if key in meta and meta[key] != want:
             out.append(bad("metadata", f"{key}={meta[key]!r}, expected {want!r}"))
+    shard = sharding.ALL
+    if "shard" in meta:
+        try:
+            shard = sharding.parse(meta["shard"])
+        except ValueError as e:
+            out.append(bad("metadata", f"shard={meta['shard']!r}: {e}"))
     names = got.names
     ts = seq = None
     if not problems:
@@ -322,7 +385,7 @@ def read_footer(fs, ref: FileRef) -> tuple[FileInfo | None, list[dict]]:
     info = FileInfo(ref, md.num_rows, meta.get("run_id", "?"), meta.get("instance_id", "?"),
                     ts[0] if ts else None, ts[1] if ts else None,
                     seq[0] if seq else None, seq[1] if seq else None,
-                    readable_data=not problems)
+                    readable_data=not problems, shard=shard, replica=meta.get("replica", ""))
     return info, out
 
 
@@ -375,6 +438,144 @@ def hole_label(prev_code: int, next_code: int) -> str:
     return a if a == b else "|".join(sorted({a, b}))
 
 
+# ---- offline buckets ---------------------------------------------------------------------------
+
+class Buckets:
+    """When frames were received, as the exact (min, max) ts_recv per bucket of `bucket_ns`: every
+    silence longer than a threshold >= the bucket width can be found from them, whatever the order
+    of files and rows. Numpy blocks of BLOCK buckets, allocated when first touched (16 bytes per
+    bucket: 1.4 MB per day at 1 s): one per (exchange, shard, replica) stays small."""
+
+    BLOCK = 4096
+
+    def __init__(self, bucket_ns: int):
+        self.bns = bucket_ns
+        self.blocks: dict[int, np.ndarray] = {}      # block -> [[min ...], [max ...]]
+
+    @staticmethod
+    def reduce(ts: np.ndarray, bucket_ns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(bucket keys, min, max) of the non-empty buckets of some ts_recv values."""
+        srt = np.sort(ts, kind="stable")
+        b = srt // bucket_ns
+        cut = np.flatnonzero(np.diff(b)) + 1
+        starts = np.concatenate(([0], cut))
+        ends = np.concatenate((cut, [len(srt)])) - 1
+        return b[starts], srt[starts], srt[ends]
+
+    def _block(self, bi: int) -> np.ndarray:
+        arr = self.blocks.get(bi)
+        if arr is None:
+            arr = self.blocks[bi] = np.empty((2, self.BLOCK), np.int64)
+            arr[0], arr[1] = _I64_MAX, _I64_MIN
+        return arr
+
+    def add(self, keys: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
+        """Reduced values (`reduce`: each key once)."""
+        blk = keys // self.BLOCK
+        off = keys - blk * self.BLOCK
+        for bi in np.unique(blk).tolist():
+            m = blk == bi
+            arr, o = self._block(bi), off[m]
+            arr[0, o] = np.minimum(arr[0, o], lo[m])
+            arr[1, o] = np.maximum(arr[1, o], hi[m])
+
+    def merge(self, other: "Buckets") -> None:
+        for bi, arr in other.blocks.items():
+            mine = self._block(bi)
+            np.minimum(mine[0], arr[0], out=mine[0])
+            np.maximum(mine[1], arr[1], out=mine[1])
+
+    def spans(self) -> tuple[np.ndarray, np.ndarray]:
+        """(min, max) of every non-empty bucket, in time order."""
+        los, his = [], []
+        for bi in sorted(self.blocks):
+            arr = self.blocks[bi]
+            m = arr[0] != _I64_MAX
+            los.append(arr[0][m])
+            his.append(arr[1][m])
+        if not los:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(los), np.concatenate(his)
+
+
+def silences(lo: np.ndarray, hi: np.ndarray, span_lo: int, span_hi: int, end: int, thr: int,
+             edges: bool, complete: bool) -> list[tuple[int, int, str | None]]:
+    """Windows longer than `thr` without a frame, from `spans` (none at all: one "no_frames"
+    window from span_lo to end). -> [(start, end, edge)]"""
+    if not len(lo):
+        return [(span_lo, end, "no_frames")] if end - span_lo > thr else []
+    out = []
+    if edges and lo[0] - span_lo > thr:
+        out.append((span_lo, int(lo[0]), "start"))
+    for i in np.flatnonzero(lo[1:] - hi[:-1] > thr).tolist():
+        out.append((int(hi[i]), int(lo[i + 1]), None))
+    if edges and complete and span_hi - hi[-1] > thr:
+        out.append((int(hi[-1]), span_hi, "end"))
+    return out
+
+
+def _overlaps(a: int, z: int, windows) -> bool:
+    return any(w0 < z and a < w1 for w0, w1, *_ in windows)
+
+
+# ---- reference snapshots (the universe) ----------------------------------------------------------
+
+def reference_instruments(fs, base: str, exchange: str, dates: list[str]) -> tuple[list[Instrument], list[str], list[str]]:
+    """Instruments of an exchange's reference snapshots fetched on the checked dates, the union
+    over every instance's snapshots (by native symbol). -> (instruments, snapshot paths,
+    problems)"""
+    days = {d.replace("-", "") for d in dates}
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(f"{base}/reference/{exchange}", allow_not_found=True))
+    except OSError as e:
+        return [], [], [f"cannot list reference/{exchange}: {e}"]
+    paths = sorted(i.path for i in infos if i.type == pafs.FileType.File
+                   and (m := _REFERENCE_NAME.match(i.base_name)) and m.group(1) in days)
+    fields = [f.name for f in dataclasses.fields(Instrument)]
+    found: dict[str, Instrument] = {}
+    problems = []
+    for path in paths:
+        try:
+            with fs.open_input_file(path) as f:
+                rows = pq.ParquetFile(f).read().to_pylist()
+            for row in rows:
+                inst = Instrument(**{k: row.get(k) for k in fields})
+                found.setdefault(inst.symbol, inst)
+        except Exception as e:  # noqa: BLE001 - a torn or foreign file: coverage goes on without it
+            problems.append(f"reference snapshot {path} unreadable ({type(e).__name__}: {e})")
+    return list(found.values()), paths, problems
+
+
+def _shard_key(text: str) -> tuple[int, int]:
+    sh = sharding.parse(text)
+    return sh.count, sh.index
+
+
+def shard_of_text(exchange: str, symbol: str, text: str) -> bool:
+    """Does shard "i/N" own the symbol?"""
+    return sharding.parse(text).owns(exchange, symbol)
+
+
+def _per_day(intervals: list[tuple[int, int]]) -> dict[str, float]:
+    """Seconds covered by the union of [a, z) intervals, per UTC day."""
+    merged: list[list[int]] = []
+    for a, z in sorted(intervals):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], z)
+        else:
+            merged.append([a, z])
+    out: dict[str, float] = {}
+    for a, z in merged:
+        day = (a // schema.NS_PER_DAY) * schema.NS_PER_DAY
+        while day < z:
+            lo, hi = max(a, day), min(z, day + schema.NS_PER_DAY)
+            if hi > lo:
+                d = iso(day)[:10]
+                out[d] = round(out.get(d, 0.0) + (hi - lo) / NS, 3)
+            day += schema.NS_PER_DAY
+    return out
+
+
 # ---- the checker ---------------------------------------------------------------------------------
 
 def _cadence(adapter, exchange: str, dataset: str) -> float | None:
@@ -392,11 +593,48 @@ def _cadence(adapter, exchange: str, dataset: str) -> float | None:
 
 
 def _first(mask, table: pa.Table) -> dict | None:
-    i = pc.index(mask, True).as_py()
-    if i is None or i < 0:
+    """The flagged row received first (so the example does not depend on reading order)."""
+    m = pc.fill_null(mask, False)
+    idx = pc.indices_nonzero(m.combine_chunks() if isinstance(m, pa.ChunkedArray) else m)
+    if not len(idx):
         return None
+    i = int(idx[int(np.argmin(pc.take(table.column("ts_recv"), idx).to_numpy()))].as_py())
     return {"symbol": table.column("symbol")[i].as_py(), "ts_recv": iso(table.column("ts_recv")[i].as_py()),
             "recv_seq": table.column("recv_seq")[i].as_py()}
+
+
+def _identity(dataset: str, t: pa.Table) -> tuple[pa.Table, list[str], pa.ChunkedArray]:
+    """A message's identity in a dataset (see the module docstring) for the rows of `t`, as the
+    table of the rows that have one (key columns + _inst, _st, _row), its key names, and the mask
+    of those rows."""
+    sym = t.column("symbol")
+    if dataset == "trades":
+        cols = {"s": sym, "k": t.column("trade_id")}
+    elif dataset == "bbo":
+        has_u = pc.is_valid(t.column("update_id"))
+        cols = {"s": sym, "k": pc.coalesce(t.column("update_id"), t.column("seq")), "u": pc.cast(has_u, pa.int8())}
+    else:
+        cols = {"s": sym, "k": t.column("ts_exchange")}
+    valid = pc.is_valid(cols["k"])
+    keys = list(cols)
+    for c in ("_inst", "_st", "_row"):
+        cols[c] = t.column(c)
+    return pa.table(cols).filter(valid), keys, valid
+
+
+@dataclass
+class _Union:
+    """The union of every instance's rows of one (exchange, dataset), judged slice by slice."""
+    exchange: str
+    dataset: str
+    rule: object
+    seq: SequenceTracker | None
+    tgap: TimeGapTracker | None
+    buffer: list = field(default_factory=list)     # tables read, not judged yet (+ _st, _inst)
+    rows: int = 0                                  # rows in buffer
+    judge_at: int = 0                              # buffer size that triggers the next slice
+    closed: int | None = None                      # exchange time below which rows were judged
+    tail: pa.Table | None = None                   # identities of the last UNION_TAIL_S judged
 
 
 def _count(mask) -> int:
@@ -416,13 +654,17 @@ class Checker:
         self.seq_gaps = Capped(cap)
         self.time_gaps = Capped(cap)
         self.content: dict[tuple[str, str, str], dict] = {}
-        self.duplicates: dict[tuple[str, str], int] = {}
         self.per_ex: dict[str, dict] = {}
         self.per_ds: dict[tuple[str, str], dict] = {}
         self.runs: dict[str, RunSeqs] = {}
         self.run_meta: dict[str, dict] = {}
-        self.buckets: dict[str, dict[int, list[int]]] = {}   # exchange -> bucket -> [min, max]
-        self.bucket_ns = int(min(1.0, opts.offline_threshold_s) * NS)
+        self.buckets: dict[tuple[str, str, str], Buckets] = {}   # (exchange, shard, replica)
+        self.bucket_ns = max(1, int(min(1.0, opts.offline_threshold_s) * NS))
+        self.inst_codes: dict[str, int] = {}         # instance id -> small int (the union's _inst)
+        self.sym_seen: dict[str, dict[str, set[str]]] = {}    # exchange -> shard -> symbols with rows
+        self.late_rows = 0                          # rows judged after their slice (see _Union)
+        self.shard_files: dict[str, dict[str, dict]] = {}     # exchange -> shard -> files (_coverage)
+        self.expected_shards: dict[str, list[str]] = {}       # exchange -> shards expected (_coverage)
         self.conn_last: dict[tuple[str, str, int], int] = {}  # (run, exchange, conn) -> ts_recv
         self.adapters: dict[str, object] = {}
         self.notes: list[str] = []
@@ -444,8 +686,12 @@ class Checker:
     def _flag(self, ex: str, ds: str, check: str, n: int, example: dict | None, **extra) -> None:
         if n <= 0:
             return
-        c = self.content.setdefault((ex, ds, check), {"exchange": ex, "dataset": ds, "check": check,
-                                                      "count": 0, "first": example})
+        c = self.content.get((ex, ds, check))
+        if c is None:
+            c = self.content[(ex, ds, check)] = {"exchange": ex, "dataset": ds, "check": check,
+                                                 "count": 0, "first": example}
+        elif example is not None and (c["first"] is None or example["ts_recv"] < c["first"]["ts_recv"]):
+            c["first"] = example                    # the earliest, whatever the reading order
         c["count"] += n
         for k, v in extra.items():
             if k == "max_abs_ns":
@@ -523,6 +769,36 @@ class Checker:
         except Exception as e:  # noqa: BLE001
             self._violation({"path": info.ref.path, "kind": "unreadable", "detail": f"{type(e).__name__}: {e}",
                              "dataset": info.ref.dataset, "exchange": info.ref.exchange, "date": info.ref.date})
+
+    def _merged(self, files: list[FileInfo], columns: list[str]):
+        """(info, table, watermark) over files sorted by their first ts_recv, in about ts_recv
+        order: a file joins when the read position reaches its first ts_recv, and of the files
+        open (several instances write the same hours) the one furthest behind is read next, one
+        table (a small file) or batch (a large one) at a time. `watermark`: no row not yet
+        yielded has a ts_recv below it (None: none left), assuming a file's rows come in about
+        ts_recv order (they come in recv_seq order)."""
+        src = self._file_tables(files, columns)
+        heap: list = []
+        order = itertools.count()
+        pending = next(src, None)
+
+        def first(info: FileInfo) -> int:
+            return info.min_ts if info.min_ts is not None else -1      # no statistics: read first
+
+        while heap or pending is not None:
+            while pending is not None and (not heap or first(pending[0]) <= heap[0][0]):
+                heapq.heappush(heap, (first(pending[0]), next(order), *pending))
+                pending = next(src, None)
+            key, _, info, tables = heapq.heappop(heap)
+            t = next(tables, None)
+            if t is None:
+                continue
+            if not (info.readable_data and info.rows <= BATCH_ROWS):      # streamed: more batches
+                if t.num_rows:
+                    key = max(key, int(pc.max(t.column("ts_recv")).as_py()))
+                heapq.heappush(heap, (key, next(order), info, tables))
+            marks = ([heap[0][0]] if heap else []) + ([first(pending[0])] if pending is not None else [])
+            yield info, t, (min(marks) if marks else None)
 
     # -- main --
     def run(self) -> dict:
@@ -637,8 +913,10 @@ class Checker:
         run = info.run_id
         self.run_meta.setdefault(run, {"instance_id": info.instance_id, "exchanges": set()})["exchanges"].add(ex)
         code = EX_CODE.get(ex, 255)
-        buckets = self.buckets.setdefault(ex, {})
-        bns = self.bucket_ns
+        key = (ex, info.shard_text, info.replica)
+        buckets = self.buckets.get(key)
+        if buckets is None and self._wanted(ex):
+            buckets = self.buckets[key] = Buckets(self.bucket_ns)
         for t in tables:
             seqs = t.column("recv_seq").to_numpy()
             runseqs = self.runs.get(run)
@@ -648,21 +926,9 @@ class Checker:
             if not self._wanted(ex):
                 continue
             ts = t.column("ts_recv").to_numpy()
-            # offline: exact min/max ts_recv per 1-second bucket
-            srt = np.sort(ts, kind="stable")
-            b = srt // bns
-            cut = np.flatnonzero(np.diff(b)) + 1
-            starts = np.concatenate(([0], cut))
-            ends = np.concatenate((cut, [len(srt)])) - 1
-            for k, lo, hi in zip(b[starts].tolist(), srt[starts].tolist(), srt[ends].tolist()):
-                cur = buckets.get(k)
-                if cur is None:
-                    buckets[k] = [lo, hi]
-                else:
-                    if lo < cur[0]:
-                        cur[0] = lo
-                    if hi > cur[1]:
-                        cur[1] = hi
+            # offline: exact min/max ts_recv per 1-second bucket, per (exchange, shard, replica)
+            if len(ts):
+                buckets.add(*Buckets.reduce(ts, self.bucket_ns))
             # ts_recv must not go backwards within a connection (in recv_seq order)
             conn = t.column("conn_id").to_numpy()
             order = np.lexsort((seqs, conn))
@@ -689,7 +955,13 @@ class Checker:
                 self.conn_last[key] = int(tt[g1])
             self._flag(ex, "frames", "ts_recv_backwards", n_back, first_back, max_abs_ns=worst)
 
-    # -- data datasets: sequence/time gaps, content, duplicates --
+    # -- data datasets: the union of instances (duplicates, sequence/time gaps, content) --
+    def _inst_code(self, instance_id: str) -> int:
+        code = self.inst_codes.get(instance_id)
+        if code is None:
+            code = self.inst_codes[instance_id] = len(self.inst_codes)
+        return code
+
     def _data_files(self, ds: str, ex: str, files: list[FileInfo]) -> None:
         adapter = self._adapter(ex)
         rule = adapter.GAP_RULES.get(ds) if adapter is not None else None
@@ -705,22 +977,124 @@ class Checker:
             cols += [c for c in (rule.column, rule.count_column) if c and c not in cols]
         for info in files:
             self._count_file(info.ref, info.rows)
-        for info, tables in self._file_tables(files, cols):
-            for t in tables:
-                if seq is not None:
-                    try:
-                        gaps = seq.observe(t)
-                    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
-                        gaps = []
-                        self._flag(ex, ds, "ids_not_integer", t.num_rows, None, detail=str(e)[:200])
-                    for g in gaps:
-                        self.seq_gaps.add(g)
-                        self._gap_totals(g)
-                if tgap is not None:
-                    for g in tgap.observe(t):
-                        self.time_gaps.add(g)
-                        self._gap_totals(g)
-                self._content(ds, ex, t)
+        d = self.per_ds[(ex, ds)]
+        for k in ("unique_rows", "duplicates_across_instances", "duplicates_within_instance"):
+            d.setdefault(k, 0)
+        u = _Union(ex, ds, rule, seq, tgap)
+        margin = int(UNION_MARGIN_S * NS)
+        for info, t, watermark in self._merged(files, cols):
+            if not t.num_rows:
+                continue
+            t = t.replace_schema_metadata(None)
+            self._recorded(ds, ex, info, t)
+            st = pc.coalesce(t.column("ts_exchange"), t.column("ts_event"), t.column("ts_recv"))
+            if u.closed is not None:
+                self.late_rows += _count(pc.less(st, u.closed))
+            t = t.append_column("_st", st).append_column(
+                "_inst", pa.array(np.full(t.num_rows, self._inst_code(info.instance_id), np.int32)))
+            u.buffer.append(t)
+            u.rows += t.num_rows
+            # judge what no unread row can belong to any more, once enough is buffered
+            if (u.rows >= max(u.judge_at, UNION_SLICE_ROWS) and watermark is not None
+                    and (u.closed is None or watermark - margin > u.closed)):
+                self._judge(u, watermark - margin)
+                u.judge_at = u.rows + UNION_SLICE_ROWS          # what stayed (the margin) + as many new
+        self._judge(u, None)
+
+    def _recorded(self, ds: str, ex: str, info: FileInfo, t: pa.Table) -> None:
+        """What is judged per recorded copy: the symbols a shard recorded, the receiving clock."""
+        self.sym_seen.setdefault(ex, {}).setdefault(info.shard_text, set()).update(
+            pc.unique(t.column("symbol")).to_pylist())
+        # clock skew: the exchange's message time (or event time where it sends none) vs ts_recv
+        col = t.column
+        diff = pc.subtract(pc.coalesce(col("ts_exchange"), col("ts_event")), col("ts_recv"))
+        skewed = pc.greater(pc.abs(diff), int(self.o.skew_threshold_s * NS))
+        k = _count(skewed)
+        if k:
+            mm = pc.min_max(pc.abs(pc.filter(diff, skewed)))
+            self._flag(ex, ds, "clock_skew", k, _first(skewed, t), max_abs_ns=int(mm["max"].as_py()))
+
+    def _judge(self, u: _Union, upto: int | None) -> None:
+        """Judge the buffered rows with an exchange time below `upto` (None: all of them)."""
+        ready, keep = [], []
+        for b in u.buffer:
+            if upto is None:
+                ready.append(b)
+                continue
+            m = pc.less(b.column("_st"), upto)
+            n = _count(m)
+            if n == b.num_rows:
+                ready.append(b)
+            elif n == 0:
+                keep.append(b)
+            else:
+                ready.append(b.filter(m))
+                keep.append(b.filter(pc.invert(m)))
+        u.buffer = keep
+        u.rows = sum(b.num_rows for b in keep)
+        if upto is not None:
+            u.closed = upto if u.closed is None else max(u.closed, upto)
+        if not ready:
+            return
+        chunk = pa.concat_tables(ready) if len(ready) > 1 else ready[0]
+        chunk = chunk.append_column("_row", pa.array(np.arange(chunk.num_rows, dtype=np.int64)))
+        ex, ds = u.exchange, u.dataset
+        found: list[Gap] = []
+        if u.seq is not None:
+            rule = u.rule
+            try:
+                ids = pc.cast(chunk.column(rule.column), pa.int64())
+            except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
+                self._flag(ex, ds, "ids_not_integer", chunk.num_rows, None, detail=str(e)[:200])
+            else:
+                cols = {"symbol": chunk.column("symbol"), rule.column: ids, "ts_recv": chunk.column("ts_recv")}
+                if rule.count_column:
+                    cols[rule.count_column] = chunk.column(rule.count_column)
+                t = pa.table(cols)
+                t = t.take(pc.sort_indices(t, sort_keys=[("symbol", "ascending"), (rule.column, "ascending"),
+                                                         ("ts_recv", "ascending")]))
+                found += u.seq.observe(t)
+        if u.tgap is not None:
+            found += u.tgap.observe(chunk.select(["symbol", "ts_recv"]))
+        for g in sorted(found, key=lambda g: (g.ts_from, g.symbol, g.kind)):
+            (self.seq_gaps if g.kind == "sequence" else self.time_gaps).add(g)
+            self._gap_totals(g)
+        reps = self._dedup(u, chunk, upto)
+        self._values(ds, ex, chunk if len(reps) == chunk.num_rows else chunk.take(pa.array(reps)))
+
+    def _dedup(self, u: _Union, chunk: pa.Table, upto: int | None) -> np.ndarray:
+        """Count the slice's unique rows and duplicates (across instances, within an instance),
+        identities of the tail of the previous slices included. -> the rows of the slice that
+        are the first copy of their message (and those without identity)."""
+        ident, keys, valid = _identity(u.dataset, chunk)
+        n, n_valid = chunk.num_rows, ident.num_rows
+        ident = ident.append_column("_old", pa.array(np.zeros(n_valid, np.int64)))
+        both = pa.concat_tables([u.tail, ident]) if u.tail is not None and u.tail.num_rows else ident
+        # per (message, instance), then per message: copies, instances, and how many of each were
+        # counted in an earlier slice (two plain hash aggregations: cheaper than count_distinct)
+        g = both.group_by(keys + ["_inst"], use_threads=False).aggregate(
+            [("_old", "count"), ("_old", "sum"), ("_old", "max"), ("_row", "min")])
+        g = g.group_by(keys, use_threads=False).aggregate(
+            [("_old_count", "sum"), ("_old_sum", "sum"), ("_inst", "count"), ("_old_max", "sum"),
+             ("_row_min", "min")])
+        c_all = g.column("_old_count_sum").to_numpy()
+        d_all = g.column("_inst_count").to_numpy()
+        c_old = g.column("_old_sum_sum").to_numpy()
+        d_old = g.column("_old_max_sum").to_numpy()
+        had = c_old > 0                            # counted in an earlier slice already
+        groups, seen_before = len(c_all), int(np.count_nonzero(had))
+        d = self.per_ds[(u.exchange, u.dataset)]
+        d["unique_rows"] += groups - seen_before + (n - n_valid)
+        d["duplicates_within_instance"] += int((c_all - d_all).sum() - (c_old - d_old).sum())
+        d["duplicates_across_instances"] += int(d_all.sum() - groups - (d_old.sum() - seen_before))
+        if upto is not None:                       # carried to the next slice
+            keep = both.filter(pc.greater_equal(both.column("_st"), upto - int(UNION_TAIL_S * NS)))
+            m = keep.num_rows
+            u.tail = keep.select(keys + ["_inst", "_st"]).append_column(
+                "_row", pa.array(np.full(m, -1, np.int64))).append_column("_old", pa.array(np.ones(m, np.int64)))
+        firsts = g.column("_row_min_min").to_numpy()[~had]
+        alone = np.flatnonzero(~pc.fill_null(valid, False).to_numpy())
+        return np.sort(np.concatenate([firsts, alone])) if len(alone) else np.sort(firsts)
 
     def _gap_totals(self, g: Gap) -> None:
         d = self.per_ds.setdefault((g.exchange, g.dataset), {"files": 0, "rows": 0, "bytes": 0})
@@ -729,7 +1103,8 @@ class Checker:
         if g.missed:
             d["ids_missed"] = d.get("ids_missed", 0) + g.missed
 
-    def _content(self, ds: str, ex: str, t: pa.Table) -> None:
+    def _values(self, ds: str, ex: str, t: pa.Table) -> None:
+        """Content of each message once (the first copy of each)."""
         col = t.column
         flag = self._flag
 
@@ -752,32 +1127,6 @@ class Checker:
             flag(ex, ds, "invalid_side", _count(bad_side), _first(bad_side, t))
         elif ds == "mark_price":
             nonpos("mark_px", "index_px")
-        # clock skew: the exchange's message time (or event time where it sends none) vs ts_recv
-        ts_x = pc.coalesce(col("ts_exchange"), col("ts_event"))
-        diff = pc.subtract(ts_x, col("ts_recv"))
-        skewed = pc.greater(pc.abs(diff), int(self.o.skew_threshold_s * NS))
-        k = _count(skewed)
-        if k:
-            mm = pc.min_max(pc.abs(diff))
-            flag(ex, ds, "clock_skew", k, _first(skewed, t), max_abs_ns=int(mm["max"].as_py()))
-        # duplicates within the batch (one file, usually): same identity, received again
-        dups = 0
-        if ds == "bbo":
-            has_u = pc.is_valid(col("update_id"))
-            dups += self._dups(t.filter(has_u), ["symbol", "update_id"])
-            dups += self._dups(t.filter(pc.and_(pc.invert(has_u), pc.is_valid(col("seq")))), ["symbol", "seq"])
-        elif ds == "trades":
-            dups += self._dups(t, ["symbol", "trade_id"])
-        else:
-            dups += self._dups(t.filter(pc.is_valid(col("ts_exchange"))), ["symbol", "ts_exchange"])
-        if dups:
-            self.duplicates[(ex, ds)] = self.duplicates.get((ex, ds), 0) + dups
-
-    @staticmethod
-    def _dups(t: pa.Table, keys: list[str]) -> int:
-        if t.num_rows < 2:
-            return 0
-        return t.num_rows - t.select(keys).group_by(keys).aggregate([]).num_rows
 
     # -- second pass: time of the frames around each listed hole --
     def _hole_times(self, frames_files: list[FileInfo], wanted: dict[str, set[int]]) -> dict[tuple[str, int], int]:
@@ -795,8 +1144,151 @@ class Checker:
                     found[(info.run_id, s)] = ts
         return found
 
-    # -- offline windows --
-    def _offline(self) -> tuple[list[dict], dict[str, dict[str, float]]]:
+    # -- shards, coverage, instances --
+    def _shard_files(self) -> dict[str, dict[str, dict]]:
+        """exchange -> shard -> what its files say (replicas, instances, files, rows), wanted
+        exchanges only, every dataset."""
+        per: dict[str, dict[str, dict]] = {}
+        for i in self.infos:
+            ex = i.ref.exchange
+            if not self._wanted(ex):
+                continue
+            s = per.setdefault(ex, {}).setdefault(i.shard_text, {"replicas": set(), "instances": set(),
+                                                                  "files": 0, "rows": 0, "frames": 0})
+            s["replicas"].add(i.replica)
+            s["instances"].add(i.instance_id)
+            s["files"] += 1
+            s["frames" if i.ref.dataset == "frames" else "rows"] += i.rows
+        return per
+
+    def _coverage(self) -> tuple[dict, list[str]]:
+        """The universe per exchange against the symbols recorded, shards seen vs expected.
+        -> (report section, findings). Sets self.expected_shards (exchange -> shards, for offline)."""
+        o, cap = self.o, self.o.max_list
+        per = self.shard_files = self._shard_files()
+        exchanges = set(per) | set(o.exchanges or ())
+        snapshots: dict[str, tuple] = {}
+        if o.symbols is not None and o.dates:
+            for ex in EXCHANGES:
+                if self._wanted(ex):
+                    snapshots[ex] = reference_instruments(self.fs, self.base, ex, o.dates)
+                    if snapshots[ex][1]:
+                        exchanges.add(ex)
+        out: dict = {"requested": o.symbols, "exchanges": {}, "notes": []}
+        findings: list[str] = []
+        unknown: dict[str, list[str]] = {}           # why -> exchanges (one note per reason)
+        for ex in sorted(exchanges):
+            shards = per.get(ex, {})
+            ns = sorted({sharding.parse(t).count for t in shards})
+            seen_syms = self.sym_seen.get(ex, {})
+            recorded = set().union(*seen_syms.values()) if seen_syms else set()
+            # the universe
+            universe: list[str] | None = None
+            uni = {"status": "unknown"}
+            if o.symbols is None:
+                uni["why"] = "no requested symbols given (--symbols, or the settings' symbols)"
+            else:
+                insts, paths, problems = snapshots.get(ex, ([], [], []))
+                out["notes"] += problems
+                if not paths:
+                    uni["why"] = f"no reference snapshot of {', '.join(o.dates)} under reference/{ex}/"
+                    uni["note"] = (f"no reference snapshot of {', '.join(o.dates)} "
+                                   "(reference/<exchange>/instruments-<fetch time>-<instance>.parquet)")
+                else:
+                    found, missing = resolve_symbols(o.symbols, insts)
+                    universe = sorted(i.symbol for i in found)
+                    uni = {"status": "known", "symbols": len(universe), "snapshots": len(paths),
+                           "listed": len(insts), "not_listed": missing[:cap]}
+                    if missing:
+                        out["notes"].append(f"{ex}: {len(missing)} requested symbol(s) not listed in the reference "
+                                            f"snapshots ({', '.join(missing[:10])}): not part of its universe")
+            if universe is None:
+                unknown.setdefault(uni["note"] if "note" in uni else uni["why"], []).append(ex)
+                uni.pop("note", None)
+            owned = lambda text: universe is None or any(sharding.parse(text).owns(ex, s) for s in universe)  # noqa: E731
+            # shards seen vs expected (0..N-1 of every N seen)
+            rows_sh = []
+            missing_sh, idle = [], []
+            for n in ns:
+                for i in range(n):
+                    text = f"{i}/{n}"
+                    s = shards.get(text)
+                    if s is None:
+                        (missing_sh if owned(text) else idle).append(text)
+                        rows_sh.append({"shard": text, "seen": False, "replicas": [], "instances": [], "files": 0,
+                                        "rows": 0, "symbols": 0, "owns": None if universe is None else
+                                        sum(1 for x in universe if shard_of_text(ex, x, text))})
+                        continue
+                    rows_sh.append({"shard": text, "seen": True, "replicas": sorted(s["replicas"]),
+                                    "instances": sorted(s["instances"]), "files": s["files"], "rows": s["rows"],
+                                    "frames": s["frames"], "symbols": len(seen_syms.get(text, ())),
+                                    "owns": None if universe is None else
+                                    sum(1 for x in universe if shard_of_text(ex, x, text))})
+            self.expected_shards[ex] = sorted(set(shards) | set(missing_sh), key=_shard_key)
+            entry = {"universe": uni, "shard_counts": ns, "resharded": len(ns) > 1, "shards": rows_sh,
+                     "shards_expected": sum(ns), "shards_seen": len(shards), "missing_shards": missing_sh,
+                     "idle_shards": idle, "symbols_recorded": len(recorded)}
+            if len(ns) > 1:
+                findings.append(f"{ex}: files disagree on the number of shards ({', '.join(map(str, ns))}): "
+                                "resharded during the checked days (coverage per N in the report)")
+            if missing_sh:
+                findings.append(f"{ex}: shard(s) {', '.join(missing_sh)} wrote nothing")
+            # a symbol recorded by a shard that does not own it (another version's hash, a bad setting)
+            foreign = []
+            for text, syms in sorted(seen_syms.items()):
+                sh = sharding.parse(text)
+                for sym in sorted(syms):
+                    if not sh.owns(ex, sym):
+                        foreign.append({"symbol": sym, "shard": text,
+                                        "owner": f"{sharding.shard_of(ex, sym, sh.count)}/{sh.count}"})
+            entry["foreign"] = foreign[:cap]
+            if foreign:
+                findings.append(f"{ex}: {len(foreign)} symbol(s) recorded by a shard that does not own them")
+            if universe is not None:
+                not_rec = [x for x in universe if x not in recorded]
+                entry["universe_recorded"] = len(universe) - len(not_rec)
+                entry["not_recorded"] = [{"symbol": x, "owners": [
+                    {"shard": (t := f"{sharding.shard_of(ex, x, n)}/{n}"), "wrote_anything": t in shards,
+                     "instances": sorted(shards[t]["instances"]) if t in shards else []} for n in ns]}
+                    for x in not_rec[:cap]]
+                entry["not_recorded_truncated"] = max(0, len(not_rec) - cap)
+                extra = sorted(recorded - set(universe))
+                entry["outside_universe"] = {"symbols": len(extra), "first": extra[:20]}
+                entry["per_n"] = {str(n): {"not_recorded": [x for x in universe if not any(
+                    x in seen_syms.get(t, ()) for t in shards if sharding.parse(t).count == n)][:cap]} for n in ns}
+                if not_rec:
+                    owners = sorted({o_["shard"] for x in entry["not_recorded"] for o_ in x["owners"]}, key=_shard_key)
+                    findings.append(f"{ex}: {len(not_rec)} symbol(s) of the universe recorded by no shard"
+                                    + (f" (owners {', '.join(owners)})" if owners else " (no files at all)"))
+            out["exchanges"][ex] = entry
+        out["notes"] += [f"coverage unknown for {', '.join(exs)}: {why}" for why, exs in unknown.items()]
+        return out, findings
+
+    def _instances(self) -> list[dict]:
+        inst: dict[str, dict] = {}
+        for i in self.infos:
+            if not self._wanted(i.ref.exchange):
+                continue
+            e = inst.setdefault(i.instance_id, {"shards": set(), "replicas": set(), "runs": set(), "exchanges": set(),
+                                                "first": None, "last": None, "files": 0, "rows": 0, "frames": 0})
+            e["shards"].add(i.shard_text)
+            e["replicas"].add(i.replica)
+            e["runs"].add(i.run_id)
+            e["exchanges"].add(i.ref.exchange)
+            e["files"] += 1
+            e["frames" if i.ref.dataset == "frames" else "rows"] += i.rows
+            if i.min_ts is not None:
+                e["first"] = i.min_ts if e["first"] is None else min(e["first"], i.min_ts)
+                e["last"] = i.max_ts if e["last"] is None else max(e["last"], i.max_ts)
+        return [{"instance_id": k, "shard": ",".join(sorted(e["shards"], key=_shard_key)),
+                 "replica": ",".join(sorted(e["replicas"])), "runs": sorted(e["runs"]),
+                 "exchanges": sorted(e["exchanges"]), "first_ts_recv": iso(e["first"]),
+                 "last_ts_recv": iso(e["last"]), "files": e["files"], "rows": e["rows"], "frames": e["frames"]}
+                for k, e in sorted(inst.items())]
+
+    # -- offline windows: per shard (the union of its replicas), and per replica --
+    def _offline(self) -> tuple[list[dict], dict, dict, list[dict]]:
+        """-> (windows, downtime per exchange and day, per shard, replica windows)"""
         o = self.o
         span_lo = day_start_ns(o.dates[0])
         span_hi = day_start_ns(o.dates[-1]) + schema.NS_PER_DAY
@@ -813,42 +1305,58 @@ class Checker:
                        "from": start_from, "to": "day_end" if complete else "now"}
         thr = int(o.offline_threshold_s * NS)
         expected = set(o.exchanges) if o.exchanges is not None else set(self.per_ex)
-        windows = []
+        per = self.shard_files
+
+        def find(lo_hi):
+            return silences(*lo_hi, span_lo, span_hi, end, thr, o.day_edges, complete)
+
+        windows, replica_windows, by_shard = [], [], {}
         for ex in sorted(expected):
-            b = self.buckets.get(ex, {})
-            if not b:
-                if end - span_lo > thr:              # an expected exchange without a single frame
-                    windows.append((ex, span_lo, end, "no_frames"))
+            shards = self.expected_shards.get(ex) or []
+            if not shards:                           # an expected exchange without a single file
+                windows += [(ex, None, [], a, z, edge) for a, z, edge in find((np.zeros(0, np.int64),) * 2)]
                 continue
-            keys = sorted(b)
-            if o.day_edges and b[keys[0]][0] - span_lo > thr:
-                windows.append((ex, span_lo, b[keys[0]][0], "start"))
-            for k0, k1 in zip(keys, keys[1:]):
-                a, z = b[k0][1], b[k1][0]
-                if z - a > thr:
-                    windows.append((ex, a, z, None))
-            if o.day_edges and complete and span_hi - b[keys[-1]][1] > thr:
-                windows.append((ex, b[keys[-1]][1], span_hi, "end"))
-        downtime: dict[str, dict[str, float]] = {}
-        out = []
-        for ex, a, z, edge in windows:
-            out.append({"exchange": ex, "start": iso(a), "end": iso(z), "start_ns": a, "end_ns": z,
-                        "duration_s": round((z - a) / NS, 3), "edge": edge})
-            day = (a // schema.NS_PER_DAY) * schema.NS_PER_DAY
-            while day < z:
-                lo, hi = max(a, day), min(z, day + schema.NS_PER_DAY)
-                if hi > lo:
-                    d = iso(day)[:10]
-                    per = downtime.setdefault(ex, {})
-                    per[d] = round(per.get(d, 0.0) + (hi - lo) / NS, 3)
-                day += schema.NS_PER_DAY
-        return out, downtime
+            for text in shards:
+                info = per.get(ex, {}).get(text, {"replicas": set(), "instances": set()})
+                labels = sorted(info["replicas"])
+                reps = {r: b for (e, t, r), b in self.buckets.items() if e == ex and t == text}
+                union = Buckets(self.bucket_ns)
+                for b in reps.values():
+                    union.merge(b)
+                found = find(union.spans())
+                windows += [(ex, text, labels, a, z, edge) for a, z, edge in found]
+                by_shard.setdefault(ex, {})[text] = {"replicas": labels, "instances": sorted(info["instances"]),
+                                                     "windows": len(found), "downtime_s": _per_day(
+                                                         [(a, z) for a, z, _ in found])}
+                if len(labels) < 2:
+                    continue
+                spans = {r: (reps[r].spans() if r in reps else (np.zeros(0, np.int64),) * 2) for r in labels}
+                for r in labels:
+                    for a, z, edge in find(spans[r]):
+                        covered = None
+                        if not _overlaps(a, z, found):
+                            covered = "+".join(x for x in labels if x != r and bool(
+                                np.any((spans[x][1] > a) & (spans[x][0] < z)))) or None
+                        replica_windows.append({"exchange": ex, "shard": text, "replica": r,
+                                                "start": iso(a), "end": iso(z), "start_ns": a, "end_ns": z,
+                                                "duration_s": round((z - a) / NS, 3), "edge": edge,
+                                                "covered_by": covered})
+        out = [{"exchange": ex, "shard": text, "replicas": labels, "start": iso(a), "end": iso(z),
+                "start_ns": a, "end_ns": z, "duration_s": round((z - a) / NS, 3), "edge": edge}
+               for ex, text, labels, a, z, edge in windows]
+        downtime = {}
+        for ex in sorted({w["exchange"] for w in out}):
+            days = _per_day([(w["start_ns"], w["end_ns"]) for w in out if w["exchange"] == ex])
+            if days:
+                downtime[ex] = days
+        return out, downtime, by_shard, replica_windows
 
     # -- report --
     def report(self, t0: float, frames_files: list[FileInfo]) -> dict:
         o = self.o
         cap = o.max_list
-        offline, downtime = self._offline() if o.dates else ([], {})
+        coverage, coverage_findings = self._coverage()
+        offline, downtime, by_shard, replica_windows = self._offline() if o.dates else ([], {}, {}, [])
         # accounting
         runs_out, by_ex_lost = [], {}
         holes_all = []
@@ -891,8 +1399,13 @@ class Checker:
             d["ts_from"], d["ts_to"] = iso(g.ts_from), iso(g.ts_to)
             d["duration_s"] = round((g.ts_to - g.ts_from) / NS, 3)
             d["during_offline"] = any(w["exchange"] == g.exchange and w["start_ns"] < g.ts_to
-                                      and g.ts_from < w["end_ns"] for w in offline)
+                                      and g.ts_from < w["end_ns"]
+                                      and (w["shard"] is None or shard_of_text(g.exchange, g.symbol, w["shard"]))
+                                      for w in offline)
             return d
+
+        def dups(v: dict) -> int:
+            return v.get("duplicates_across_instances", 0) + v.get("duplicates_within_instance", 0)
 
         content = sorted(self.content.values(), key=lambda c: (c["exchange"], c["dataset"], c["check"]))
         for c in content:
@@ -910,7 +1423,9 @@ class Checker:
                                offline_windows=sum(1 for w in offline if w["exchange"] == ex),
                                downtime_s=round(sum(downtime.get(ex, {}).values()), 3),
                                content_issues=sum(c["count"] for c in content if c["exchange"] == ex),
-                               duplicates=sum(n for (e, _), n in self.duplicates.items() if e == ex))
+                               unique_rows=sum(v.get("unique_rows", 0) for (e, d), v in self.per_ds.items()
+                                               if e == ex and d != "frames"),
+                               duplicates=sum(dups(v) for (e, _), v in self.per_ds.items() if e == ex))
         lost_total = sum(v["lost_frames"] for v in by_ex_lost.values())
         bad_frames = self.bad_frames_files
         if bad_frames:
@@ -942,6 +1457,11 @@ class Checker:
         n_content = sum(c["count"] for c in content)
         if n_content:
             findings.append(f"{n_content} content issue(s)")
+        findings += coverage_findings
+        if self.late_rows:
+            self.notes.append(f"{self.late_rows} row(s) received more than {UNION_MARGIN_S:g} s after their exchange "
+                              "time were judged in a later slice: a copy of them may count as unique, an id "
+                              "gap they fill may show")
         exit_code = 2 if n_viol else (1 if findings else 0)
         infos = self.infos
         legacy_files = sum(1 for r in self.refs if r.legacy)
@@ -965,17 +1485,31 @@ class Checker:
             "violations": list(self.violations), "violations_truncated": self.violations.dropped,
             "accounting": {"runs": runs_out, "by_exchange": by_ex_lost, "lost_frames": lost_total,
                            "complete": not bad_frames},
-            "sequence_gaps": [gap_dict(g) for g in self.seq_gaps], "sequence_gaps_truncated": self.seq_gaps.dropped,
-            "time_gaps": [gap_dict(g) for g in self.time_gaps], "time_gaps_truncated": self.time_gaps.dropped,
+            "sequence_gaps": [gap_dict(g) for g in sorted(self.seq_gaps, key=_gap_order)],
+            "sequence_gaps_truncated": self.seq_gaps.dropped,
+            "time_gaps": [gap_dict(g) for g in sorted(self.time_gaps, key=_gap_order)],
+            "time_gaps_truncated": self.time_gaps.dropped,
             "offline": {"windows": offline[:cap], "windows_truncated": max(0, len(offline) - cap),
-                        "downtime_s": downtime},
+                        "downtime_s": downtime, "by_shard": by_shard},
+            "replicas": {"windows": replica_windows[:cap], "windows_truncated": max(0, len(replica_windows) - cap),
+                         "covered": sum(1 for w in replica_windows if w["covered_by"]),
+                         "not_covered": sum(1 for w in replica_windows if not w["covered_by"])},
             "content": content,
-            "duplicates": [{"exchange": e, "dataset": d, "rows": n} for (e, d), n in sorted(self.duplicates.items())],
+            "duplicates": [{"exchange": e, "dataset": d, "rows": dups(v),
+                            "duplicates_across_instances": v["duplicates_across_instances"],
+                            "duplicates_within_instance": v["duplicates_within_instance"]}
+                           for (e, d), v in sorted(self.per_ds.items()) if dups(v) and self._wanted(e)],
+            "coverage": coverage,
+            "instances": self._instances(),
             "notes": self.notes,
         }
 
     def _wanted_label(self, label: str) -> bool:
         return self.o.exchanges is None or any(p in self.o.exchanges for p in label.split("|"))
+
+
+def _gap_order(g: Gap):
+    return g.ts_from, g.exchange, g.dataset, g.symbol
 
 
 def check(opts: Options) -> dict:
@@ -1017,17 +1551,18 @@ def render_text(r: dict, max_lines: int = 20) -> str:
       f" checked in {r['elapsed_s']:.1f} s"
       + (f"; {f['temporary']} temporary (.tmp) file(s) present" if f["temporary"] else ""))
     w("")
-    head = ("exchange", "files", "rows", "frames", "lost", "seq gaps", "ids missed", "time gaps",
+    head = ("exchange", "files", "rows", "unique", "frames", "lost", "seq gaps", "ids missed", "time gaps",
             "offline", "downtime s", "content", "dups")
     rows = [head]
     for ex, s in r["summary"].items():
-        rows.append((ex, _fmt_int(s["files"]), _fmt_int(s["rows"]), _fmt_int(s["frames"]),
+        rows.append((ex, _fmt_int(s["files"]), _fmt_int(s["rows"]), _fmt_int(s.get("unique_rows", 0)),
+                     _fmt_int(s["frames"]),
                      _fmt_int(s["lost_frames"]), _fmt_int(s["sequence_gaps"]), _fmt_int(s["ids_missed"]),
                      _fmt_int(s["time_gaps"]), _fmt_int(s["offline_windows"]), f"{s['downtime_s']:.1f}",
                      _fmt_int(s["content_issues"]), _fmt_int(s["duplicates"])))
     for lab, v in r["accounting"]["by_exchange"].items():
         if lab not in r["summary"]:
-            rows.append((lab, "", "", "", _fmt_int(v["lost_frames"]), "", "", "", "", "", "", ""))
+            rows.append((lab, "", "", "", "", _fmt_int(v["lost_frames"]), "", "", "", "", "", "", ""))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     for row in rows:
         w("  ".join(str(c).ljust(widths[0]) if i == 0 else str(c).rjust(widths[i]) for i, c in enumerate(row)).rstrip())
@@ -1043,6 +1578,45 @@ def render_text(r: dict, max_lines: int = 20) -> str:
         if more > 0:
             w(f"  ... and {more} more (see --json)")
 
+    def table(title, head, lines):
+        if not lines:
+            return
+        w("")
+        w(title)
+        body = [head] + [tuple(str(c) for c in line) for line in lines[:max_lines]]
+        widths = [max(len(row[i]) for row in body) for i in range(len(head))]
+        for row in body:
+            w("  " + "  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip())
+        if len(lines) > max_lines:
+            w(f"  ... and {len(lines) - max_lines} more (see --json)")
+
+    insts = r.get("instances") or []
+    if len(insts) > 1 or any(i["shard"] != "0/1" or i["replica"] for i in insts):
+        table("instances:", ("instance", "shard", "replica", "runs", "exchanges", "first ts_recv", "last ts_recv",
+                             "files", "rows", "frames"),
+              [(i["instance_id"], i["shard"], i["replica"] or "-", len(i["runs"]), ",".join(i["exchanges"]),
+                i["first_ts_recv"] or "-", i["last_ts_recv"] or "-", _fmt_int(i["files"]), _fmt_int(i["rows"]),
+                _fmt_int(i["frames"])) for i in insts])
+    cov = (r.get("coverage") or {}).get("exchanges") or {}
+    if any(c["shard_counts"] != [1] or c["universe"]["status"] == "known" for c in cov.values()):
+        w("")
+        w("coverage (universe = requested symbols listed in the reference snapshots):")
+        for ex, c in cov.items():
+            u = c["universe"]
+            uni = (f"universe {u['symbols']} symbol(s), {c['universe_recorded']} recorded" if u["status"] == "known"
+                   else f"universe unknown, {c['symbols_recorded']} symbol(s) recorded")
+            shards = "; ".join(f"{x['shard']}: " + ((",".join(x["replicas"]) or "-") if x["seen"] else
+                                                    "idle (owns no symbol)" if x["owns"] == 0 else "NOTHING")
+                               for x in c["shards"])
+            w(f"  {ex:<8} {uni}; shards seen {c['shards_seen']} of {c['shards_expected']} ({shards})"
+              + ("  [RESHARDED]" if c["resharded"] else ""))
+            for x in c.get("not_recorded", [])[:max_lines]:
+                owners = ", ".join(f"shard {o['shard']} " + (f"wrote files ({','.join(o['instances'])})"
+                                                           if o["wrote_anything"] else "wrote nothing")
+                                   for o in x["owners"]) or "no files of this exchange"
+                w(f"    {x['symbol']}: recorded by no shard ({owners})")
+            for x in c.get("foreign", [])[:max_lines]:
+                w(f"    {x['symbol']}: recorded by shard {x['shard']}, owned by {x['owner']}")
     section("violations:", r["violations"], lambda v: f"{v['kind']:<11} {v['path']}: {v['detail']}",
             r["violations_truncated"])
     hole_lines = [(run, h) for run in r["accounting"]["runs"] for h in run["windows"]]
@@ -1052,9 +1626,16 @@ def render_text(r: dict, max_lines: int = 20) -> str:
                       f"{x[1]['ts_from']} .. {x[1]['ts_to']}",
             sum(run["windows_truncated"] for run in r["accounting"]["runs"]))
     section(f"offline windows (no frames > {r['thresholds']['offline_s']:g} s):", r["offline"]["windows"],
-            lambda o: f"{o['exchange']:<8} {o['start']} .. {o['end']}  {o['duration_s']:.1f} s"
+            lambda o: f"{o['exchange']:<8} " + (f"shard {o['shard']} " if o.get("shard") not in (None, "0/1") else "")
+                      + f"{o['start']} .. {o['end']}  {o['duration_s']:.1f} s"
                       + (f"  [{o['edge']}]" if o["edge"] else ""),
             r["offline"]["windows_truncated"])
+    rep_w = (r.get("replicas") or {}).get("windows") or []
+    section("replica windows (no frames from one replica; covered by its twin = not a loss):", rep_w,
+            lambda o: f"{o['exchange']:<8} shard {o['shard']} replica {o['replica']}: {o['start']} .. {o['end']}  "
+                      f"{o['duration_s']:.1f} s" + (f"  [{o['edge']}]" if o["edge"] else "")
+                      + (f"  covered by {o['covered_by']}" if o["covered_by"] else "  NOT covered (offline above)"),
+            (r.get("replicas") or {}).get("windows_truncated", 0))
     if r["offline"]["downtime_s"]:
         w("  downtime per day: " + "; ".join(f"{ex} " + ", ".join(f"{d} {s:.1f} s" for d, s in days.items())
                                            for ex, days in r["offline"]["downtime_s"].items()))
@@ -1072,7 +1653,9 @@ def render_text(r: dict, max_lines: int = 20) -> str:
                       + (f" (max {c['max_abs_s']} s)" if "max_abs_s" in c else "")
                       + (f"; first {_where(c['first'])}" if c.get("first") else ""))
     section("duplicate rows (reported, not an error):", r["duplicates"],
-            lambda d: f"{d['exchange']} {d['dataset']}: {_fmt_int(d['rows'])}")
+            lambda d: f"{d['exchange']} {d['dataset']}: {_fmt_int(d['rows'])} ("
+                      f"{_fmt_int(d['duplicates_across_instances'])} across instances, "
+                      f"{_fmt_int(d['duplicates_within_instance'])} within an instance)")
     lay = r.get("layout") or {}
     if lay.get("legacy_dirs"):
         w("")
@@ -1083,7 +1666,7 @@ def render_text(r: dict, max_lines: int = 20) -> str:
         if len(lay["legacy_dirs"]) > max_lines:
             w(f"  ... and {len(lay['legacy_dirs']) - max_lines} more (see --json)")
         w(f"  move them to <dataset>/<exchange>/ with: {lay['migrate_command']}")
-    for n in r["notes"]:
+    for n in r["notes"] + ((r.get("coverage") or {}).get("notes") or []):
         w(f"note: {n}")
     w("")
     verdict = {0: "OK", 1: "FINDINGS", 2: "VIOLATIONS"}[r["exit_code"]]
@@ -1115,6 +1698,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not count the time before the first / after the last frame of the days as offline")
     p.add_argument("--max-list", type=int, default=1000, help="items per list in the report (totals stay exact)")
     p.add_argument("--config", help="settings file (for the S3 endpoint/region and default root)")
+    p.add_argument("--symbols", help="the requested symbols (comma separated, or ALL) the coverage is judged "
+                                     "against (default: the settings' symbols)")
     p.add_argument("--migrate-layout", action="store_true",
                    help="move every file of the first layout (raw/v1/<dataset>/exchange=<x>/...) to the current "
                         "one (raw/v1/<dataset>/<x>/...), local or S3; safe to run again; checks nothing")
@@ -1153,8 +1738,11 @@ def options_from_args(argv: list[str]) -> tuple[Options, argparse.Namespace]:
         raise ValueError("--dry-run goes with --migrate-layout")
     # no --date/--from/--to: dates stay empty, the checker picks the last complete day with data
     dates = date_range(args.date, args.start, args.end, today) if (args.date or args.start or args.end) else []
+    symbols = args.symbols if args.symbols is not None else get("symbols", None)
+    if isinstance(symbols, str):
+        symbols = [x.strip() for x in symbols.split(",") if x.strip()] or None
     return Options(
-        root=root, dates=dates, exchanges=exchanges, config=args.config,
+        root=root, dates=dates, exchanges=exchanges, config=args.config, symbols=symbols,
         offline_threshold_s=parse_duration(args.offline_threshold),
         gap_floor_s=parse_duration(args.gap_threshold) if args.gap_threshold else float(get("gap_time_floor", 60.0)),
         gap_factor=float(get("gap_time_factor", 10.0)),

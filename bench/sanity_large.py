@@ -11,6 +11,12 @@ trade ids), then runs the checker in a child process and prints its wall time an
     python bench/sanity_large.py                     # 100 M rows (frames + data rows)
     python bench/sanity_large.py --rows 10_000_000 --keep /tmp/day   # smaller, keep the files
     python bench/sanity_large.py --reuse /tmp/day    # check an existing generated day again
+    python bench/sanity_large.py --rows 5_000_000 --replicas 2   # the same day recorded twice
+
+With --replicas 2 every file is written by two instances (replicas a and b of shard 0/1, their
+own run and recv_seq, ts_recv 1 ms apart, the exchange's times identical), as scale-out's twins
+do: the checker judges the union (every message once, the other copy a duplicate across
+instances), so this measures what that costs in time and memory (--rows counts one copy).
 
 Payloads in `frames` are short synthetic texts: the checker never reads that column.
 """
@@ -73,10 +79,24 @@ def plan(frames_per_min: int) -> dict:
     return out
 
 
+def replica_ids(replicas: int, r: int) -> tuple[str, str, str]:
+    """(instance id, run id, replica label) of replica r (one replica: the historical names)."""
+    if replicas == 1:
+        return "bench", RUN_ID, ""
+    label = "abcdefgh"[r]
+    return f"bench{label}", f"{RUN_ID[:-2]}{r:02d}", label
+
+
 def gen_minute(args) -> int:
-    """Write the 17 files of one minute; returns rows written. Deterministic per minute, so
-    minutes can be generated in any order by any worker."""
-    base, minute, per_ex = args
+    """Write the 17 files of one minute (per replica); returns rows written. Deterministic per
+    minute, so minutes can be generated in any order by any worker."""
+    base, minute, per_ex, replicas = args
+    return sum(_gen_minute(base, minute, per_ex, replicas, r) for r in range(replicas))
+
+
+def _gen_minute(base, minute, per_ex, replicas, r) -> int:
+    instance, run_id, label = replica_ids(replicas, r)
+    shift = r * 1_000_000                               # replica r receives each frame r ms later
     total = sum(per_ex.values())
     t0 = DAY_NS + minute * MIN_NS
     seq0 = minute * total + 1
@@ -95,12 +115,13 @@ def gen_minute(args) -> int:
         conn = (np.arange(n) % CONNS[ex] + 1 + 10 * ci).astype(np.int64)
         meta = {}
         for ds in schema.ALL_DATASETS:
-            meta[ds] = schema.file_metadata(ds, ex, collector_version="bench", instance_id="bench", run_id=RUN_ID)
+            meta[ds] = schema.file_metadata(ds, ex, collector_version="bench", instance_id=instance, run_id=run_id,
+                                            replica=label)
         payload = pc.binary_join_element_wise('{"e":"x","u":', pc.cast(pa.array(seqs), pa.string()), "}", "")
         frames = pa.Table.from_arrays([pa.array([ex] * n, pa.string()), pa.array(conn), pa.array(seqs),
-                                       pa.array(ts), payload], schema=schema.SCHEMAS["frames"])
+                                       pa.array(ts + shift), payload], schema=schema.SCHEMAS["frames"])
         fseq += 1
-        written += _write(base, "frames", ex, frames, meta["frames"], fseq)
+        written += _write(base, "frames", ex, frames, meta["frames"], fseq, instance, run_id)
         pattern = KINDS[ex]
         kind_idx = np.arange(n) % 20
         per_ds: dict[str, np.ndarray] = {}
@@ -118,20 +139,20 @@ def gen_minute(args) -> int:
             k = minute * m + np.arange(m)                  # global row counter of this dataset
             sym_i = k % len(syms)
             nth = k // len(syms) + 1                        # per-symbol consecutive counter
-            t = pa.Table.from_arrays(_columns(ex, ds, syms, sym_i, nth, ts[idx], conn[idx], seqs[idx]),
+            t = pa.Table.from_arrays(_columns(ex, ds, syms, sym_i, nth, ts[idx], conn[idx], seqs[idx], shift),
                                      schema=schema.SCHEMAS[ds])
             fseq += 1
-            written += _write(base, ds, ex, t, meta[ds], fseq)
+            written += _write(base, ds, ex, t, meta[ds], fseq, instance, run_id)
     return written
 
 
-def _columns(ex, ds, syms, sym_i, nth, ts, conn, seqs) -> list:
+def _columns(ex, ds, syms, sym_i, nth, ts, conn, seqs, shift=0) -> list:
     m = len(ts)
     sym = syms.take(pa.array(sym_i))
     inst = pc.binary_join_element_wise(pc.utf8_slice_codeunits(sym, 0, 5), "-USDT-PERP", "")
-    ms = (ts // 1_000_000 - 3) * 1_000_000
+    ms = (ts // 1_000_000 - 3) * 1_000_000             # the exchange's times: the same in every copy
     common = [pa.array([ex] * m, pa.string()), sym, inst, pa.array(ms), pa.array(ms + 1_000_000),
-              pa.array(ts), pa.array(conn), pa.array(seqs)]
+              pa.array(ts + shift), pa.array(conn), pa.array(seqs)]
     px = 100.0 + (nth % 50) * 0.1
     if ds == "bbo":
         return common + [pa.array(px), pa.array(np.full(m, 1.5)), pa.array(px + 0.1), pa.array(np.full(m, 2.5)),
@@ -155,19 +176,21 @@ def _columns(ex, ds, syms, sym_i, nth, ts, conn, seqs) -> list:
     return common + [pa.array(np.full(m, 1000.0)), pa.array(np.full(m, 100000.0))]
 
 
-def _write(base: str, ds: str, ex: str, table: pa.Table, meta: dict, fseq: int) -> int:
+def _write(base: str, ds: str, ex: str, table: pa.Table, meta: dict, fseq: int, instance: str = "bench",
+           run_id: str = RUN_ID) -> int:
     d = os.path.join(base, schema.partition_path(ds, ex, DATE))
     os.makedirs(d, exist_ok=True)
-    pq.write_table(table.replace_schema_metadata(meta), os.path.join(d, f"i-bench-{RUN_ID}-{fseq:06d}.parquet"),
+    pq.write_table(table.replace_schema_metadata(meta), os.path.join(d, f"i-{instance}-{run_id}-{fseq:06d}.parquet"),
                    **schema.parquet_options(ds, ex))
     return table.num_rows
 
 
-def generate(base: str, rows: int, minutes: int, workers: int) -> int:
+def generate(base: str, rows: int, minutes: int, workers: int, replicas: int = 1) -> int:
     frames_per_min = int(rows / (1 + rows_per_frame()) / minutes)
     per_ex = plan(frames_per_min)
     with Pool(workers) as pool:
-        return sum(pool.imap_unordered(gen_minute, [(base, m, per_ex) for m in range(minutes)], chunksize=4))
+        return sum(pool.imap_unordered(gen_minute, [(base, m, per_ex, replicas) for m in range(minutes)],
+                                       chunksize=4))
 
 
 def check_only(base: str, minutes: int) -> None:
@@ -181,6 +204,8 @@ def check_only(base: str, minutes: int) -> None:
     print(json.dumps({"wall_s": round(wall, 1), "peak_rss_mib": round(peak_kib / 1024, 1),
                       "exit_code": report["exit_code"], "findings": report["findings"],
                       "files": report["files"]["checked"], "rows": report["files"]["rows"],
+                      "unique_rows": sum(s.get("unique_rows", 0) for s in report["summary"].values()),
+                      "duplicates": sum(s.get("duplicates", 0) for s in report["summary"].values()),
                       "bytes": report["files"]["bytes"],
                       "frames": sum(s["frames"] for s in report["summary"].values())}))
 
@@ -191,6 +216,8 @@ def main() -> int:
                    help="total rows of the day, frames included (default 100 M)")
     p.add_argument("--minutes", type=int, default=1440, help="minutes of the day to generate (files per dataset)")
     p.add_argument("--workers", type=int, default=2, help="generator processes")
+    p.add_argument("--replicas", type=int, default=1, choices=range(1, 9),
+                   help="instances recording the same day (replicas of one shard; default 1)")
     p.add_argument("--keep", help="generate into this directory and keep it")
     p.add_argument("--reuse", help="check an already generated directory, generate nothing")
     p.add_argument("--check-only", help=argparse.SUPPRESS)
@@ -202,7 +229,7 @@ def main() -> int:
     try:
         if not args.reuse:
             t = time.monotonic()
-            n = generate(base, args.rows, args.minutes, args.workers)
+            n = generate(base, args.rows, args.minutes, args.workers, args.replicas)
             size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(base) for f in fs)
             print(f"generated {n:,} rows in {time.monotonic() - t:.0f} s: {size / 2**20:,.0f} MiB under {base}",
                   flush=True)
@@ -212,7 +239,8 @@ def main() -> int:
             print(proc.stdout, proc.stderr, file=sys.stderr)
             return 1
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"checked {r['files']:,} files, {r['rows']:,} rows ({r['frames']:,} frames), "
+        print(f"checked {r['files']:,} files, {r['rows']:,} rows ({r['frames']:,} frames; data rows "
+              f"{r.get('unique_rows', 0):,} unique, {r.get('duplicates', 0):,} duplicates), "
               f"{r['bytes'] / 2**20:,.0f} MiB: wall {r['wall_s']} s, peak RSS {r['peak_rss_mib']:,.0f} MiB"
               f" (getrusage of the checker process), exit {r['exit_code']}"
               + (f", findings: {r['findings']}" if r["findings"] else ""))

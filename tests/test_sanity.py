@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from app import migrate, sanity, schema, settings as settings_mod, writer as writer_mod
-from app.exchanges import create
+from app import migrate, sanity, schema, settings as settings_mod, sharding, writer as writer_mod
+from app.exchanges import Instrument, create
 from app.state import State
 from app.storage import LocalStorage
 from app.handoff import FrameQueue, from_items
@@ -101,12 +101,19 @@ class Recorder:
     `tweak(tick, ex, si)` may return None (frame received normally), "skip" (not received:
     the exchange is disconnected; its next frame arrives on a new connection), "drop" (received,
     numbered, then lost before the writer: a recv_seq hole) or a dict of Market.frame overrides.
+    `shard`/`replica` go into every file's metadata (as `--shard`/`--replica` do); `lag_ns` is
+    added to every ts_recv (a replica on another machine receives the same message a bit later).
     """
 
-    def __init__(self, data_dir, run_id: str, exchanges=EXCHANGES, instance_id="t1"):
+    def __init__(self, data_dir, run_id: str, exchanges=EXCHANGES, instance_id="t1", shard="0/1", replica="",
+                 lag_ns=0):
         s = settings_mod.load(None, environ={}, dotenv_path=os.path.join(str(data_dir), ".env")).replace(
-            data_dir=str(data_dir), exchanges=list(exchanges), instance_id=instance_id)
+            data_dir=str(data_dir), exchanges=list(exchanges), instance_id=instance_id,
+            shard=sharding.parse(shard), replica=replica)
         self.exchanges = exchanges
+        self.instance_id = instance_id
+        self.shard = sharding.parse(shard)
+        self.lag_ns = lag_ns
         self.state = State(exchanges=list(exchanges), queue=FrameQueue())
         self.w = writer_mod.Writer(s, FrameQueue(), self.state, LocalStorage(s, self.state),
                                    {ex: create(ex) for ex in exchanges}, on_control=lambda *a: None,
@@ -359,7 +366,9 @@ def test_faults_reported_with_counts_and_windows(faulty_dir):
     back = c[("binance", "frames", "ts_recv_backwards")]
     assert back["count"] == 1 and back["max_abs_s"] == pytest.approx(2.0, abs=0.01)
     assert len(c) == 7
-    assert r["duplicates"] == [{"exchange": "bybit", "dataset": "bbo", "rows": 1}]
+    # the re-sent snapshot: one instance recorded the same message twice
+    assert r["duplicates"] == [{"exchange": "bybit", "dataset": "bbo", "rows": 1, "duplicates_across_instances": 0,
+                                "duplicates_within_instance": 1}]
 
 
 def test_streamed_batches_give_the_same_report(faulty_dir, monkeypatch):
@@ -948,3 +957,322 @@ def test_dates_and_durations():
         sanity.date_range(None, "2024-03-05", "2024-03-01", today)
     assert [sanity.parse_duration(x) for x in ("30s", "2m", "1h", "500ms", "7")] == [30, 120, 3600, 0.5, 7]
     assert schema.SCHEMAS["frames"].names == ["exchange", "conn_id", "recv_seq", "ts_recv", "payload"]
+
+
+# ---- scale-out: shards and replicas writing to one root ---------------------------------------------
+
+def record_together(recs, market, t_from, t_to, tweak=None) -> None:
+    """Several collectors receiving the same exchange messages: each message is made once and
+    handed to every recorder whose shard owns its symbol (both replicas of a shard get it, each
+    at its own lag). `tweak(rec, tick, ex, si)`: None (received), "skip" (that recorder is
+    disconnected from the exchange; it reconnects when it gets the next one) or "absent" (that
+    recorder never subscribed the stream)."""
+    batches = {id(r): [] for r in recs}
+    exchanges = [ex for ex in EXCHANGES if any(ex in r.exchanges for r in recs)]
+    for tick in range(t_from, t_to):
+        ts = T0 + tick * TICK
+        for ex in exchanges:
+            for si, sym in enumerate(SYMS[ex]):
+                payload = market.frame(ex, si, tick, ts + si * 1000)
+                for r in recs:
+                    if ex not in r.exchanges or not r.shard.owns(ex, sym):
+                        continue
+                    how = tweak(r, tick, ex, si) if tweak else None
+                    if how == "absent":
+                        continue
+                    if how == "skip":
+                        r.conn.pop(ex, None)
+                        continue
+                    t, b = ts + si * 1000 + r.lag_ns, batches[id(r)]
+                    if ex not in r.conn:
+                        b.append(r.item(ex, t, ACKS[ex]))
+                    b.append(r.item(ex, t, payload))
+        if (tick + 1) % TICKS_PER_FILE == 0 or tick == t_to - 1:
+            for r in recs:
+                if batches[id(r)]:
+                    r.sent += len(batches[id(r)])
+                    r.w.process(from_items(batches[id(r)]))
+                    r.w.flush()
+                    r.w.rotate()
+                batches[id(r)] = []
+
+
+def instance_rows(root, instance_id: str) -> dict[tuple[str, str], int]:
+    """(exchange, dataset) -> rows in the data files of one instance (names start i-<instance>-)."""
+    out: dict = {}
+    for p in glob.glob(os.path.join(str(root), "raw", "v1", "*", "*", "date=*", f"i-{instance_id}-*.parquet")):
+        parts = p.split(os.sep)
+        if parts[-4] == "frames":
+            continue
+        key = (parts[-3], parts[-4])
+        out[key] = out.get(key, 0) + pq.read_metadata(p).num_rows
+    return out
+
+
+def data_rows(report) -> dict[tuple[str, str], dict]:
+    return {(x["exchange"], x["dataset"]): x for x in report["datasets"] if x["dataset"] != "frames"}
+
+
+def test_replica_hole_covered_by_its_twin_counts_nothing_twice(tmp_path, clean_dir, monkeypatch):
+    """Two replicas of one shard (a, b: other machines, so b receives each message 3 ms later)
+    record the same messages; b is disconnected from every exchange for 60 s. Judged on the
+    union there is no hole: no offline window, no sequence or time gap, exit 0; b's window is
+    reported per replica, covered by a; every message counts once (unique rows = what one
+    complete recording holds), b's copies are duplicates across instances."""
+    lag = 3_000_000
+    a = Recorder(tmp_path, "20240305T100000Zaaaa", instance_id="ra", replica="a")
+    b = Recorder(tmp_path, "20240305T100000Zbbbb", instance_id="rb", replica="b", lag_ns=lag)
+    record_together([a, b], Market(), 0, 600, lambda r, tick, ex, si: "skip" if r is b and 200 <= tick < 320 else None)
+    a.close()
+    b.close()
+    r = check(tmp_path)
+    assert r["exit_code"] == 0 and r["findings"] == [], r["findings"]
+    assert r["offline"]["windows"] == [] and r["sequence_gaps"] == [] and r["time_gaps"] == []
+    assert r["content"] == [] and r["accounting"]["lost_frames"] == 0
+    # b's window per exchange: from its last frame (tick 199, 3rd symbol) to its first after (tick 320)
+    wins = r["replicas"]["windows"]
+    assert sorted((w["exchange"], w["shard"], w["replica"], w["covered_by"], w["start"], w["end"]) for w in wins) == [
+        (ex, "0/1", "b", "a", sanity.iso(T0 + 199 * TICK + 2000 + lag), sanity.iso(T0 + 320 * TICK + lag))
+        for ex in EXCHANGES]
+    assert all(w["duration_s"] == 60.5 and w["edge"] is None for w in wins)
+    assert (r["replicas"]["covered"], r["replicas"]["not_covered"]) == (3, 0)
+    assert r["offline"]["by_shard"]["okx"] == {"0/1": {"replicas": ["a", "b"], "instances": ["ra", "rb"],
+                                                       "windows": 0, "downtime_s": {}}}
+    # nothing counted twice: unique rows = one complete recording; b's rows are a's duplicates
+    clean = data_rows(check(clean_dir[0]))
+    got, rows_a, rows_b = data_rows(r), instance_rows(tmp_path, "ra"), instance_rows(tmp_path, "rb")
+    assert set(got) == set(clean)
+    for key, x in got.items():
+        assert rows_a[key] == clean[key]["rows"] and 0 < rows_b[key] < rows_a[key], key
+        assert x["rows"] == rows_a[key] + rows_b[key], key
+        assert x["unique_rows"] == clean[key]["rows"], key
+        assert (x["duplicates_across_instances"], x["duplicates_within_instance"]) == (rows_b[key], 0), key
+    assert {(d["exchange"], d["dataset"]): d["rows"] for d in r["duplicates"]} == rows_b
+    for ex in EXCHANGES:
+        assert r["summary"][ex]["unique_rows"] == sum(v["rows"] for k, v in clean.items() if k[0] == ex)
+    # the instances
+    insts = {i["instance_id"]: i for i in r["instances"]}
+    assert set(insts) == {"ra", "rb"}
+    assert (insts["ra"]["shard"], insts["ra"]["replica"], insts["ra"]["runs"]) == ("0/1", "a", ["20240305T100000Zaaaa"])
+    assert insts["rb"]["replica"] == "b" and insts["rb"]["exchanges"] == list(EXCHANGES)
+    assert insts["ra"]["first_ts_recv"] == sanity.iso(T0) and insts["rb"]["first_ts_recv"] == sanity.iso(T0 + lag)
+    assert insts["ra"]["rows"] == sum(rows_a.values()) and insts["rb"]["files"] == len(
+        glob.glob(str(tmp_path / "raw/v1/*/*/date=*/i-rb-*.parquet")))
+    cov = r["coverage"]["exchanges"]["binance"]
+    assert cov["shard_counts"] == [1] and cov["shards"][0]["replicas"] == ["a", "b"] and not cov["resharded"]
+    text = sanity.render_text(r)
+    assert "replica windows (no frames from one replica; covered by its twin = not a loss):" in text
+    assert f"okx      shard 0/1 replica b: {sanity.iso(T0 + 199 * TICK + 2000 + lag)}" in text and "covered by a" in text
+    assert "instances:" in text and "  rb " in text
+    # files of both instances overlap in time: read batch by batch (merged) and judged in small
+    # slices, the report is the same
+    monkeypatch.setattr(sanity, "BATCH_ROWS", 37)
+    monkeypatch.setattr(sanity, "UNION_SLICE_ROWS", 100)
+    streamed = check(tmp_path)
+    for key in ("exit_code", "findings", "summary", "datasets", "accounting", "sequence_gaps", "time_gaps", "offline",
+                "replicas", "content", "duplicates"):
+        assert streamed[key] == r[key], key
+
+
+def test_both_replicas_down_is_offline_and_a_loss(tmp_path):
+    """Replica a is down 10:00:50-10:02:30, b 10:01:40-10:03:20: the shard (their union) has no
+    frame 10:01:40-10:02:30, an offline window (a finding) with the ids missed meanwhile; each
+    replica's own window overlaps it, so neither is covered."""
+    a = Recorder(tmp_path, "20240305T100000Zaaaa", instance_id="ra", replica="a")
+    b = Recorder(tmp_path, "20240305T100000Zbbbb", instance_id="rb", replica="b", lag_ns=1_000_000)
+    down = {"ra": range(100, 300), "rb": range(200, 400)}
+    record_together([a, b], Market(), 0, 600,
+                    lambda r, tick, ex, si: "skip" if tick in down[r.instance_id] else None)
+    a.close()
+    b.close()
+    r = check(tmp_path)
+    assert r["findings"] == ["6 sequence gap(s), 225 id(s) missed", "3 offline window(s)"] and r["exit_code"] == 1
+    wins = {w["exchange"]: w for w in r["offline"]["windows"]}
+    for ex in EXCHANGES:      # from b's last frame (tick 199) to a's first (tick 300)
+        w = wins[ex]
+        assert (w["shard"], w["replicas"], w["edge"]) == ("0/1", ["a", "b"], None)
+        assert (w["start"], w["end"]) == (sanity.iso(T0 + 199 * TICK + 2000 + 1_000_000), sanity.iso(T0 + 300 * TICK))
+    assert r["offline"]["by_shard"]["binance"]["0/1"]["windows"] == 1
+    assert r["offline"]["downtime_s"]["okx"][DAY] == pytest.approx(50.499, abs=0.001)
+    rw = r["replicas"]["windows"]
+    assert sorted((w["exchange"], w["replica"], w["covered_by"]) for w in rw) == sorted(
+        (ex, x, None) for ex in EXCHANGES for x in "ab")
+    assert r["replicas"]["not_covered"] == 6
+    # ids missed: 25 trades per symbol while both were down (OKX ids advance by 2 per trade)
+    seq = sorted((g["exchange"], g["symbol"], g["missed"], g["during_offline"]) for g in r["sequence_gaps"])
+    assert seq == sorted([("binance", s, 25, True) for s in SYMS["binance"]] + [("okx", s, 50, True) for s in SYMS["okx"]])
+
+
+SHARD_SYMBOLS = ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
+
+
+def write_listings(root, instance_id: str, bases=("BTC", "ETH", "SOL", "XRP")) -> None:
+    """Reference snapshots as discovery writes them (app.writer.write_reference), fetched at
+    09:59 of DAY: XRP is listed but not requested."""
+    s = settings_mod.load(None, environ={}, dotenv_path=os.path.join(str(root), ".env")).replace(data_dir=str(root))
+    storage = LocalStorage(s, State(exchanges=list(EXCHANGES), queue=FrameQueue()))
+    for ex in EXCHANGES:
+        insts = [Instrument(ex, f"{b}-USDT-SWAP" if ex == "okx" else f"{b}USDT", f"{b}-USDT-PERP", b, "USDT",
+                            "live", "perpetual") for b in bases]
+        writer_mod.write_reference(str(root), storage, ex, insts, T0 - 60 * 10**9, instance_id)
+
+
+def test_missing_shard_and_symbols_recorded_by_no_shard(tmp_path, capsys):
+    """Shards 0/3 and 2/3 ran, 1/3 never did, and 0/3 never got OKX SOL. With the universe known
+    (requested symbols + the day's reference snapshots) each symbol without a row is a finding
+    naming the shard that owns it and whether it wrote anything; a shard that owns no symbol of
+    an exchange is idle there, not missing. Without the universe, every shard of 0..N-1 that
+    wrote nothing is a finding."""
+    owner = {ex: {s: sharding.shard_of(ex, s, 3) for s in SYMS[ex]} for ex in EXCHANGES}
+    assert owner == {"binance": {"BTCUSDT": 2, "ETHUSDT": 0, "SOLUSDT": 0},
+                     "bybit": {"BTCUSDT": 1, "ETHUSDT": 2, "SOLUSDT": 1},
+                     "okx": {"BTC-USDT-SWAP": 2, "ETH-USDT-SWAP": 0, "SOL-USDT-SWAP": 0}}
+    s0 = Recorder(tmp_path, "20240305T100000Zaaa0", instance_id="s0", shard="0/3")
+    s2 = Recorder(tmp_path, "20240305T100000Zaaa2", instance_id="s2", shard="2/3")
+    record_together([s0, s2], Market(), 0, 240,
+                    lambda r, tick, ex, si: "absent" if r is s0 and (ex, si) == ("okx", 2) else None)
+    s0.close()
+    s2.close()
+    write_listings(tmp_path, "s0")
+    write_listings(tmp_path, "s2")
+    r = check(tmp_path, symbols=SHARD_SYMBOLS)
+    assert r["findings"] == ["1 offline window(s)", "bybit: shard(s) 1/3 wrote nothing",
+                             "bybit: 2 symbol(s) of the universe recorded by no shard (owners 1/3)",
+                             "okx: 1 symbol(s) of the universe recorded by no shard (owners 0/3)"], r["findings"]
+    cov = r["coverage"]["exchanges"]
+    assert cov["bybit"]["universe"] == {"status": "known", "symbols": 3, "snapshots": 2, "listed": 4, "not_listed": []}
+    assert cov["bybit"]["not_recorded"] == [
+        {"symbol": s, "owners": [{"shard": "1/3", "wrote_anything": False, "instances": []}]}
+        for s in ("BTCUSDT", "SOLUSDT")]
+    assert (cov["bybit"]["missing_shards"], cov["bybit"]["idle_shards"]) == (["1/3"], ["0/3"])
+    assert (cov["bybit"]["shards_seen"], cov["bybit"]["shards_expected"]) == (1, 3)
+    assert cov["okx"]["not_recorded"] == [
+        {"symbol": "SOL-USDT-SWAP", "owners": [{"shard": "0/3", "wrote_anything": True, "instances": ["s0"]}]}]
+    assert cov["okx"]["universe_recorded"] == 2 and cov["okx"]["missing_shards"] == []
+    assert (cov["binance"]["universe_recorded"], cov["binance"]["idle_shards"]) == (3, ["1/3"])
+    assert cov["binance"]["outside_universe"] == {"symbols": 0, "first": []} and cov["binance"]["foreign"] == []
+    assert [s["shard"] for s in cov["binance"]["shards"] if s["seen"]] == ["0/3", "2/3"]
+    # the shard that ran nothing on bybit is offline the whole window; idle shards are not
+    (w,) = r["offline"]["windows"]
+    assert (w["exchange"], w["shard"], w["edge"]) == ("bybit", "1/3", "no_frames")
+    assert {i["instance_id"]: (i["shard"], i["exchanges"]) for i in r["instances"]} == {
+        "s0": ("0/3", ["binance", "okx"]), "s2": ("2/3", list(EXCHANGES))}
+    # the command line: --symbols (else the settings' symbols), the owners in the text
+    code = sanity.main(["--root", str(tmp_path), "--date", DAY, "--no-day-edges", "--symbols", ",".join(SHARD_SYMBOLS)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "    SOLUSDT: recorded by no shard (shard 1/3 wrote nothing)" in out
+    assert "    SOL-USDT-SWAP: recorded by no shard (shard 0/3 wrote files (s0))" in out
+    assert "bybit    shard 1/3 " in out and "[no_frames]" in out
+    # requested symbols unknown: coverage unknown (a note, not a finding); shards still are
+    r = check(tmp_path)
+    assert r["findings"] == ["4 offline window(s)", "binance: shard(s) 1/3 wrote nothing",
+                             "bybit: shard(s) 0/3, 1/3 wrote nothing", "okx: shard(s) 1/3 wrote nothing"], r["findings"]
+    assert r["coverage"]["exchanges"]["okx"]["universe"]["status"] == "unknown"
+    assert r["coverage"]["notes"] == [
+        "coverage unknown for binance, bybit, okx: no requested symbols given (--symbols, or the settings' symbols)"]
+    # no reference snapshot of the day: unknown too
+    shutil.rmtree(tmp_path / "reference")
+    r = check(tmp_path, symbols=SHARD_SYMBOLS)
+    assert r["coverage"]["exchanges"]["bybit"]["universe"] == {
+        "status": "unknown", "why": f"no reference snapshot of {DAY} under reference/bybit/"}
+    assert r["coverage"]["notes"] == ["coverage unknown for binance, bybit, okx: no reference snapshot of 2024-03-05 "
+                                      "(reference/<exchange>/instruments-<fetch time>-<instance>.parquet)"]
+    assert not any("recorded by no shard" in f for f in r["findings"])
+
+
+def test_resharding_in_the_day_is_a_finding_with_coverage_per_n(tmp_path, clean_dir):
+    """The universe recorded by 2 shards until 10:02:30, by 3 from 10:02:00 (30 s of overlap, a
+    rolling change): files of one exchange and day disagree on N, a finding; coverage per N says
+    each configuration recorded every symbol; the overlap's copies are duplicates across
+    instances, so unique rows are exactly one complete recording."""
+    m = Market()
+    two = [Recorder(tmp_path, f"20240305T100000Z0a2{i}", instance_id=f"n2s{i}", shard=f"{i}/2") for i in range(2)]
+    three = [Recorder(tmp_path, f"20240305T100200Z0a3{i}", instance_id=f"n3s{i}", shard=f"{i}/3") for i in range(3)]
+    record_together(two, m, 0, 240)
+    record_together(two + three, m, 240, 300)
+    record_together(three, m, 300, 600)
+    for rec in two + three:
+        rec.close()
+    write_listings(tmp_path, "n2s0")
+    r = check(tmp_path, symbols=SHARD_SYMBOLS)
+    assert r["findings"] == [f"{ex}: files disagree on the number of shards (2, 3): resharded during the checked "
+                             "days (coverage per N in the report)" for ex in EXCHANGES], r["findings"]
+    for ex in EXCHANGES:
+        cov = r["coverage"]["exchanges"][ex]
+        assert cov["resharded"] and cov["shard_counts"] == [2, 3] and cov["universe_recorded"] == 3
+        assert cov["per_n"] == {"2": {"not_recorded": []}, "3": {"not_recorded": []}}
+        assert cov["not_recorded"] == [] and cov["foreign"] == []
+    assert r["sequence_gaps"] == [] and r["offline"]["windows"] == []
+    clean = data_rows(check(clean_dir[0]))
+    got = data_rows(r)
+    assert set(got) == set(clean)
+    for key, x in got.items():
+        assert x["unique_rows"] == clean[key]["rows"], key
+        assert x["duplicates_across_instances"] > 0 and x["duplicates_within_instance"] == 0, key
+        assert x["rows"] == x["unique_rows"] + x["duplicates_across_instances"], key
+
+
+def test_duplicates_within_one_instance_across_files(tmp_path, monkeypatch):
+    """A connection rotation's overlap: the new OKX connection (conn 99) receives again the
+    messages of 10:00:56-10:01:00 just after the file of 10:00 was closed, so the copies are in
+    the next file; and at 10:01:40 OKX re-sends the book of 10:01:20 unchanged (same seqId, a
+    new message time). Duplicates within the instance (across files), not across instances; not
+    a gap, not a finding; the same when the union is judged in many small slices (the re-send
+    then lands in a later slice than its original: the identities carried over find it)."""
+    rec = Recorder(tmp_path, "20240305T100000Zaaaa", exchanges=("okx",))
+    m = Market()
+    again: list = []
+    book = None
+    for tick in range(0, 240):
+        batch = []
+        for si in range(3):
+            ts = T0 + tick * TICK + si * 1000
+            p = m.frame("okx", si, tick, ts)
+            if "okx" not in rec.conn:
+                batch.append(rec.item("okx", ts, ACKS["okx"]))
+            batch.append(rec.item("okx", ts, p))
+            if 112 <= tick < 120:
+                again.append(p)
+            if (tick, si) == (160, 0):                 # (160 + 0) % 4 == 0: a bbo-tbt snapshot
+                book = p
+        if tick == 200:
+            ms = (T0 + tick * TICK) // 10**6
+            resent = book.replace(b'"ts":"%d"' % ((T0 + 160 * TICK) // 10**6), b'"ts":"%d"' % ms)
+            assert resent != book
+            batch.append(rec.item("okx", T0 + tick * TICK + 3000, resent))
+        if 120 <= tick < 128:                          # 4 s later: received again on the new socket
+            for k, p in enumerate(again[(tick - 120) * 3:(tick - 119) * 3]):
+                batch.append(rec.item("okx", T0 + tick * TICK + 500 + k, p, conn=99))
+        rec.w.process(from_items(batch))
+        if (tick + 1) % TICKS_PER_FILE == 0:
+            rec.w.flush()
+            rec.w.rotate()
+    rec.close()
+    channels = {"bbo-tbt": "bbo", "trades": "trades", "mark-price": "mark_price", "funding-rate": "funding",
+                "open-interest": "open_interest"}
+    want: dict = {}
+    for p in again:
+        ds = channels[json.loads(p)["arg"]["channel"]]
+        want[ds] = want.get(ds, 0) + 1
+    assert len(again) == 24 and len(want) == 5
+    want["bbo"] += 1                                   # the unchanged book re-sent
+    r = check(tmp_path)
+    assert r["exit_code"] == 0 and r["findings"] == [], r["findings"]
+    assert r["sequence_gaps"] == [] and r["content"] == []
+    assert {d["dataset"]: (d["rows"], d["duplicates_within_instance"], d["duplicates_across_instances"])
+            for d in r["duplicates"]} == {ds: (n, n, 0) for ds, n in want.items()}
+    got = data_rows(r)
+    for ds, n in want.items():
+        assert got[("okx", ds)]["unique_rows"] == got[("okx", ds)]["rows"] - n
+    # two files: the copies (conn 99) are all in the second one
+    files = sorted(glob.glob(str(tmp_path / "raw/v1/trades/okx/date=*/*.parquet")))
+    conns = [set(pq.read_table(f, columns=["conn_id"]).column("conn_id").to_pylist()) for f in files]
+    assert len(files) == 2 and 99 not in conns[0] and 99 in conns[1]
+    # judged in slices of ~40 rows, read 37 rows at a time: the same figures
+    monkeypatch.setattr(sanity, "BATCH_ROWS", 37)
+    monkeypatch.setattr(sanity, "UNION_SLICE_ROWS", 40)
+    monkeypatch.setattr(sanity, "UNION_MARGIN_S", 5.0)
+    sliced = check(tmp_path)
+    for key in ("findings", "datasets", "duplicates", "sequence_gaps", "content", "summary"):
+        assert sliced[key] == r[key], key
