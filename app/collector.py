@@ -29,7 +29,7 @@ from app.errors import SettingsError
 from app.exchanges import close_matches, create as create_adapter, resolve_symbols
 from app.feed import Manager
 from app.handoff import FrameQueue
-from app.state import Monitor, State
+from app.state import Monitor, State, iso_seconds
 from app.status_api import StatusServer
 
 log = logs.get()
@@ -54,10 +54,6 @@ def prepare_data_dir(path: str) -> None:
     except OSError as e:
         raise SettingsError("data_dir", f"cannot write to {os.path.abspath(path)}: "
                                         f"{e.strerror or e}") from None
-
-
-def _iso(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 class Collector:
@@ -130,9 +126,10 @@ class Collector:
                 log.info("dataset_unsupported", extra={"exchange": name, "dataset": ds, "reason": why})
 
     # ---- discovery: per exchange, in parallel, until it works -------------------------------------
-    def _discover(self, name: str, adapter):
+    def _discover(self, name: str, adapter, attempts: int = 5):
+        """One listing (with `attempts` tries, Retry-After honoured), its reference snapshot."""
         s = self.settings
-        result = discovery.discover(adapter, s.rest_url(name), attempts=1)
+        result = discovery.discover(adapter, s.rest_url(name), attempts=attempts)
         fetched = time.time_ns()
         try:
             writer_mod.write_reference(s.data_dir, self.storage, name, result.instruments, fetched,
@@ -148,15 +145,15 @@ class Collector:
         while not self._stop.is_set():
             attempt += 1
             self.state.discovery[name] = {"status": "discovering", "attempt": attempt,
-                                          "started_at": _iso(time.time())}
+                                          "started_at": iso_seconds(time.time())}
             try:
-                found = self._discover(name, adapter)
+                found = self._discover(name, adapter, attempts=1)   # this loop retries, and says so
             except discovery.DiscoveryError as e:
-                wait = delay * random.uniform(0.8, 1.0)
+                wait = max(delay * random.uniform(0.8, 1.0), e.retry_after or 0.0)
                 self.state.count("discovery_failures", name)
                 self.state.discovery[name] = {"status": "retrying", "attempt": attempt,
                                               "last_error": str(e)[:300],
-                                              "next_retry_at": _iso(time.time() + wait),
+                                              "next_retry_at": iso_seconds(time.time() + wait),
                                               "next_retry_in_s": round(wait, 1)}
                 log.error("discovery_failed", extra={"exchange": name, "error": str(e)[:300],
                                                      "attempt": attempt, "retry_in_s": round(wait, 1)})
@@ -188,15 +185,17 @@ class Collector:
         self.state.discovery[name] = {"status": "done", "instruments": len(listed),
                                       "universe": len(requested), "symbols": len(instruments),
                                       "streams": len(streams),
-                                      "unknown_symbols": unknown, "at": _iso(time.time())}
+                                      "unknown_symbols": unknown, "at": iso_seconds(time.time())}
         self._check_any_symbol_known()
 
     def _check_any_symbol_known(self) -> None:
         """Exit 2 when every exchange has answered and none lists any requested symbol."""
-        with self._lock:
+        with self._lock:             # the last two discovery threads may finish together: one says it
             done = [d for d in self.state.discovery.values() if d.get("status") == "done"]
-            if len(done) < len(self.adapters) or any(d["universe"] for d in done):
+            if (len(done) < len(self.adapters) or any(d["universe"] for d in done)
+                    or self.exit_code == 2):
                 return
+            self.exit_code = 2
         unknown = {ex: d["unknown_symbols"] for ex, d in self.state.discovery.items()}
         hints = sorted({m for per in unknown.values() for ms in per.values() for m in ms})
         reason = (f"none of {','.join(self.settings.symbols)} is listed on {', '.join(self.adapters)}"
@@ -205,7 +204,6 @@ class Collector:
                                            "unknown_symbols": unknown})
         import sys
         print(f"collector: invalid setting symbols: {reason}", file=sys.stderr)
-        self.exit_code = 2
         self._stop.set()
 
     def _rediscover_loop(self, name: str, adapter) -> None:

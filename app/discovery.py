@@ -12,30 +12,35 @@ import requests
 
 from app import logs
 from app.exchanges import Discovery
+from app.exchanges.common import retry_after
 
 log = logs.get()
 
 
 class DiscoveryError(RuntimeError):
-    pass
+    """retry_after: the seconds the exchange asked us to wait (a 429/418 Retry-After), if any:
+    a caller that retries later must not come back sooner, or Binance bans the IP."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 def fetch_json(session: requests.Session, url: str, params: dict, *, attempts: int = 5,
                timeout: float = 10.0, base_delay: float = 0.5) -> dict:
-    last = None
+    last, delay = None, None
     for attempt in range(attempts):
         try:
             resp = session.get(url, params=params, timeout=timeout)
             if resp.status_code == 200:
                 return resp.json()
             last = f"HTTP {resp.status_code}: {resp.text[:200]}"
-            retry_after = resp.headers.get("Retry-After")
-            delay = float(retry_after) if retry_after and retry_after.isdigit() else None
+            delay = retry_after(resp.headers)      # requests' headers ignore case
         except (requests.RequestException, ValueError) as e:
             last, delay = repr(e), None
         if attempt + 1 < attempts:
             time.sleep(delay if delay is not None else base_delay * 2 ** attempt * random.uniform(0.5, 1))
-    raise DiscoveryError(f"{url}: {last}")
+    raise DiscoveryError(f"{url}: {last}", retry_after=delay)
 
 
 def discover(adapter, rest_url: str, session: requests.Session | None = None, **kw) -> Discovery:

@@ -247,7 +247,8 @@ def _diff(cur: dict, base: dict) -> dict:
             for ex, vals in cur.items()}
 
 
-def _iso(t: float) -> str:
+def iso_seconds(t: float) -> str:
+    """Epoch seconds -> ISO 8601 UTC to the second, as /status and the logs show times."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
@@ -479,7 +480,7 @@ class Monitor:
             buckets = [dict(b, by_exchange={ex: dict(v) for ex, v in b["by_exchange"].items()})
                        for b in self._buckets if b["minute"] > current - HISTORY_MINUTES]
         for b in buckets:
-            b["start"] = _iso(b.pop("minute") * 60)
+            b["start"] = iso_seconds(b.pop("minute") * 60)
         return buckets
 
     def status(self, now: float | None = None) -> dict:
@@ -503,8 +504,8 @@ class Monitor:
                              "unsupported": dict(st.unsupported.get(ex, {})),
                              **st.gap_status(ex, now)}
         return {"state": st.state, "reasons": list(st.reasons), "details": st.details,
-                "since": _iso(st.state_since), "uptime_s": round(now - st.started_at, 1),
-                "started_at": _iso(st.started_at), "version": st.version,
+                "since": iso_seconds(st.state_since), "uptime_s": round(now - st.started_at, 1),
+                "started_at": iso_seconds(st.started_at), "version": st.version,
                 "instance_id": st.instance_id, "run_id": st.run_id, "stopping": st.stopping,
                 "shard": st.shard, "replica": st.replica,
                 "exchanges": exchanges, "queue": st.queue_figures(int(now * 1e9)),

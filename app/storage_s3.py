@@ -52,7 +52,7 @@ from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from s3transfer.utils import ChunksizeAdjuster
 
-from app import logs
+from app import logs, migrate
 from app.errors import SettingsError
 
 log = logs.get()
@@ -83,11 +83,11 @@ class _Item:
 
 
 def _labels(key: str) -> tuple[str, str]:
-    """(exchange, dataset) of a relative key (raw/v1/<dataset>/<exchange>/date=..., or the first
-    layout's exchange=<x>), for per-exchange counters."""
+    """(exchange, dataset) of a relative key (raw/v1/<dataset>/<exchange>/date=...: every key
+    has passed _current_layout), for per-exchange counters."""
     parts = key.split("/")
     if len(parts) >= 5 and parts[0] == "raw":
-        return parts[3].removeprefix("exchange="), parts[2]
+        return parts[3], parts[2]
     if len(parts) >= 3 and parts[0] == "reference":
         return parts[1], "reference"
     return "", ""
@@ -97,8 +97,10 @@ def _current_layout(key: str) -> str:
     """A file left by a run of the first layout (raw/v1/<dataset>/exchange=<x>/...) goes to the
     key the current layout gives it, so an outage across an upgrade leaves no old-layout keys."""
     parts = key.split("/")
-    if len(parts) >= 5 and parts[0] == "raw" and parts[3].startswith("exchange="):
-        parts[3] = parts[3][len("exchange="):]
+    if len(parts) >= 5 and parts[0] == "raw":
+        found = migrate.exchange_dir(parts[3])
+        if found is not None and found[1]:
+            parts[3] = found[0]
     return "/".join(parts)
 
 
@@ -186,6 +188,12 @@ class S3Storage:
                                               max_concurrency=self.concurrency, use_threads=True,
                                               preferred_transfer_client="classic")
         self._client = None
+        # the availability probe: one short try, so a store that accepts TCP and never answers
+        # costs the start and each re-probe seconds, not the uploads' minutes of retries
+        self._probe_config = self._config.merge(Config(retries={"max_attempts": 1, "mode": "standard"},
+                                                       connect_timeout=5, read_timeout=10))
+        self._probe_client = None
+        self._reprobe: threading.Thread | None = None
         self._tm = None
         self._cond = threading.Condition()
         self._heap: list[_Item] = []
@@ -234,8 +242,11 @@ class S3Storage:
     def probe(self) -> tuple[str, str, str] | None:
         """One LIST on the bucket. -> None if it works, else (kind, setting, reason)."""
         where = safe_endpoint(self.endpoint or "")
+        if self._probe_client is None:
+            self._probe_client = boto3.session.Session().client("s3", endpoint_url=self.endpoint,
+                                                                config=self._probe_config)
         try:
-            self.client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+            self._probe_client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
         except bexc.NoCredentialsError:
             return ("no_credentials", "AWS_ACCESS_KEY_ID",
                     "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
@@ -439,12 +450,21 @@ class S3Storage:
             try:
                 self._update_backlog()
                 self._measure()
-                if self.state.storage_problem is not None and time.monotonic() - last_probe >= RECHECK_S:
+                if (self.state.storage_problem is not None and time.monotonic() - last_probe >= RECHECK_S
+                        and not (self._reprobe and self._reprobe.is_alive())):
+                    # on its own thread: the spool budget above is enforced every second, also
+                    # while a probe waits on a store that does not answer
                     last_probe = time.monotonic()
-                    problem = self.probe()
-                    self._set_problem(problem)
+                    self._reprobe = threading.Thread(target=self._probe_again, name="s3-reprobe", daemon=True)
+                    self._reprobe.start()
             except Exception as e:  # noqa: BLE001 - a metric must never kill storage
                 log.error("spool_monitor_error", extra={"error": repr(e)})
+
+    def _probe_again(self) -> None:
+        try:
+            self._set_problem(self.probe())
+        except Exception as e:  # noqa: BLE001 - the next round probes again
+            log.error("s3_reprobe_error", extra={"error": repr(e)})
 
     # ---- workers -------------------------------------------------------------------------
     def _take(self) -> _Item | None:

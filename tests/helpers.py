@@ -108,12 +108,16 @@ class CollectorProcess:
             raise AssertionError("collector did not stop in time:\n" + "".join(self.raw[-25:]))
 
     # ---- the status API (STATUS_PORT=0: the port it logged) ---------------------------------
-    def metrics(self) -> dict:
-        """GET /metrics (JSON) from the running collector."""
+    def get(self, path: str = "/status") -> dict:
+        """GET a JSON path of the running collector's status API (waits for it to listen)."""
         import urllib.request
         port = self.wait_for("status_listen", timeout=30)[0]["port"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics?format=json", timeout=5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
             return json.loads(r.read())
+
+    def metrics(self) -> dict:
+        """GET /metrics (JSON) from the running collector."""
+        return self.get("/metrics?format=json")
 
     def frames_received(self, exchange: str) -> int:
         return self.metrics()["counters"].get(exchange, {}).get("frames_received", 0)

@@ -3,20 +3,12 @@ may pass (a store or an exchange that does not answer yet), shows what it is doi
 first second, and stops at once, in one line, only for a setting that cannot work."""
 from __future__ import annotations
 
-import json
 import time
-import urllib.request
 
 import pytest
 
 from tests.helpers import CollectorProcess, sim_env, wait_until
 from tests.s3server import S3Server
-
-
-def _get(c: CollectorProcess, path: str = "/status"):
-    port = c.wait_for("status_listen", timeout=10)[0]["port"]
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
-        return json.loads(r.read())
 
 
 def _collector(tmp_path, sim, exchanges, **env) -> CollectorProcess:
@@ -46,7 +38,7 @@ def test_store_down_at_start_records_locally_then_uploads(tmp_path, sim):
                         upload_retry_max=1) as c:
             line = c.wait_for("storage_unavailable", timeout=30)[0]
             assert line["setting"] == "s3_endpoint" and "cannot reach" in line["reason"]
-            st = wait_until(lambda: (lambda s: s if "storage_unavailable" in s["reasons"] else None)(_get(c)),
+            st = wait_until(lambda: (lambda s: s if "storage_unavailable" in s["reasons"] else None)(c.get()),
                             20, what="DEGRADED storage_unavailable")
             assert st["state"] == "DEGRADED" and st["storage_problem"]["setting"] == "s3_endpoint"
             c.wait_for("file_written", timeout=30)       # recording goes on, into the local spool
@@ -54,8 +46,8 @@ def test_store_down_at_start_records_locally_then_uploads(tmp_path, sim):
             srv.start()
             c.wait_for("file_uploaded", timeout=30)
             c.wait_for("storage_available", timeout=30)
-            wait_until(lambda: _get(c)["state"] == "READY", 30, what="READY after the store came back")
-            assert _get(c)["storage_problem"] is None
+            wait_until(lambda: c.get()["state"] == "READY", 30, what="READY after the store came back")
+            assert c.get()["storage_problem"] is None
             assert c.stop() == 0
         assert any(k.startswith("p/raw/v1/") for k in srv.objects(bucket))
     finally:
@@ -77,18 +69,19 @@ def test_no_credentials_is_a_settings_error_at_once(tmp_path, sim):
 
 
 def test_status_answers_while_discovery_retries_and_exchanges_start_independently(tmp_path, sim):
-    """OKX's REST fails its next 3 answers: /status says so from the first second (attempt,
-    last error, next retry) while Binance, discovered in parallel, already records; OKX joins
-    once its discovery works."""
-    sim.rest_fail("okx", 503, 3)          # discovery's calls, and the clock check's if it comes first
+    """OKX's REST fails its next 3 answers, the last a 429 with Retry-After: /status says so from
+    the first second (attempt, last error, next retry) while Binance, discovered in parallel,
+    already records; the retry waits at least the Retry-After; OKX joins once discovery works."""
+    sim.rest_fail("okx", 503, 2)          # discovery's calls, and the clock check's at start-up
+    sim.rest_fail("okx", 429, 1, headers={"Retry-After": "9"})   # longer than the back-off (<= 8 s)
     t0 = time.monotonic()
     with _collector(tmp_path, sim, ("binance", "okx")) as c:
-        first = _get(c)
+        first = c.get()
         assert time.monotonic() - t0 < 10
         assert set(first["discovery"]) == {"binance", "okx"}
         assert first["reasons"] and first["reasons"] != ["starting"]     # already evaluated
         retrying = wait_until(lambda: (lambda s: s if s["discovery"]["okx"].get("status") == "retrying"
-                                       and "discovering" in s["reasons"] else None)(_get(c)),
+                                       and "discovering" in s["reasons"] else None)(c.get()),
                               20, what="okx discovery retrying")
         okx = retrying["discovery"]["okx"]
         assert "503" in okx["last_error"] and okx["next_retry_in_s"] > 0 and okx["next_retry_at"]
@@ -98,9 +91,12 @@ def test_status_answers_while_discovery_retries_and_exchanges_start_independentl
         c.wait_for("subscribed", lambda l: l["exchange"] == "okx", timeout=60)
         fails = [l["attempt"] for l in c.events("discovery_failed") if l["exchange"] == "okx"]
         assert len(fails) >= 2 and fails == list(range(1, len(fails) + 1))
-        delays = [l["retry_in_s"] for l in c.events("discovery_failed") if l["exchange"] == "okx"]
-        assert delays[1] > delays[0]                     # backs off
-        st = wait_until(lambda: (lambda s: s if s["state"] == "READY" else None)(_get(c)), 30, what="READY")
+        failed = [l for l in c.events("discovery_failed") if l["exchange"] == "okx"]
+        delays = [l["retry_in_s"] for l in failed]
+        assert delays[1] >= 1.5 * delays[0], delays      # backs off (doubling, jitter 0.8-1)
+        (limited,) = [l for l in failed if "HTTP 429" in l["error"]]
+        assert limited["retry_in_s"] >= 9, failed        # the exchange's Retry-After, not sooner
+        st = wait_until(lambda: (lambda s: s if s["state"] == "READY" else None)(c.get()), 30, what="READY")
         assert st["discovery"]["okx"]["status"] == "done"
         assert c.stop() == 0
 
@@ -112,7 +108,7 @@ def test_unknown_symbol_is_named_with_close_matches_and_the_rest_recorded(tmp_pa
         assert "BTCUSDT" in lines["binance"]["close_matches"]["BTCUSDX"]
         assert "BTCUSDT" in lines["okx"]["close_matches"]["BTCUSDX"]      # unified alias form
         c.wait_for("subscribed", count=2, timeout=30)
-        st = _get(c)
+        st = c.get()
         assert st["discovery"]["binance"]["unknown_symbols"]["BTCUSDX"][0] == "BTCUSDT"
         assert st["discovery"]["okx"]["symbols"] == 1
         assert c.stop() == 0

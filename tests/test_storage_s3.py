@@ -304,7 +304,10 @@ def test_restart_uploads_leftovers_oldest_first(tmp_path, s3, events):
     rels = [raw_key(i) for i in range(1, 5)] + ["reference/binance/instruments-x-test.parquet"]
     ages = [50, 10, 40, 20, 30]                              # seconds old
     for rel, age in zip(rels, ages):
-        put_local(st, rel, 500, mtime=now - age)
+        # the 4th was left by a run of the first layout (exchange=<x>): it goes up under the
+        # current layout's key, so an outage across the upgrade leaves no old-layout keys
+        local = rel.replace("/binance/", "/exchange=binance/") if rel == raw_key(4) else rel
+        put_local(st, local, 500, mtime=now - age)
     # torn temporary file and writer spool are not uploads
     tmp = os.path.join(st.data_dir, os.path.dirname(raw_key(1)), ".x.parquet.tmp")
     open(tmp, "wb").close()
@@ -387,6 +390,34 @@ def test_outage_keeps_files_and_resumes_in_order(tmp_path, own_s3, events):
     after = [e["key"] for e in events.named("file_uploaded")][len(before):]
     assert after[0] == f"pfx/{raw_key(10, 'trades')}"
     assert resumed_in < 10, resumed_in
+
+
+@pytest.mark.parametrize("cleared_by", ["reprobe", "upload"])
+def test_store_down_at_start_is_cleared_when_it_answers(tmp_path, own_s3, events, monkeypatch, cleared_by):
+    """The store is down at start: a problem, not an error. It clears by either path alone: the
+    re-probe (every RECHECK_S, on its own thread; nothing to upload, so nothing else would), or
+    the first confirmed upload (re-probe far off)."""
+    from app import storage_s3
+    monkeypatch.setattr(storage_s3, "RECHECK_S", 0.5 if cleared_by == "reprobe" else 3600.0)
+    bucket = own_s3.new_bucket()
+    own_s3.stop()
+    st, state = make_storage(tmp_path, own_s3, bucket)
+    st.check()
+    assert state.storage_problem["kind"] == "unreachable"
+    st.start()
+    try:
+        own_s3.start()
+        if cleared_by == "upload":
+            rel = raw_key(1)
+            st.publish(put_local(st, rel, 1000)[0], rel)
+        wait_until(lambda: state.storage_problem is None, 30, what=f"the problem cleared by the {cleared_by}")
+        assert events.named("storage_available")
+        if cleared_by == "upload":
+            assert own_s3.objects(bucket) == {f"pfx/{raw_key(1)}": 1000}
+        else:
+            assert state.upload_backlog["files"] == 0 and not events.named("file_uploaded")
+    finally:
+        st.stop(timeout=10)
 
 
 def test_spool_budget_degrades_then_drops_new_rows_never_files(tmp_path, own_s3, events):
