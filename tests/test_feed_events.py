@@ -83,20 +83,12 @@ def _instruments(sim):
 
 # ---- the collector as users run it: rejected topics and quiet markets ------------------------------
 
-def _status(c):
-    import json
-    import urllib.request
-    port = c.wait_for("status_listen", timeout=30)[0]["port"]
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as r:
-        return json.loads(r.read())
-
-
 def _wait_status(c, cond, timeout=30.0, what="status"):
     last = {}
 
     def check():
         nonlocal last
-        last = _status(c)
+        last = c.get()
         return cond(last)
     try:
         wait_until(check, timeout, what=what)
@@ -126,8 +118,8 @@ def test_rejected_topics_are_reported_and_cost_only_themselves(tmp_path):
             for ex, topic in bad.items():
                 line = c.wait_for("subscription_rejected", lambda l, ex=ex: l["exchange"] == ex)[0]
                 assert line["stream"] == topic
-            assert "handler not found" in c.events("subscription_rejected")[0]["reason"] or \
-                "handler not found" in c.events("subscription_rejected")[1]["reason"]
+            reasons = {l["exchange"]: l["reason"] for l in c.events("subscription_rejected")}
+            assert "handler not found" in reasons["bybit"], reasons
             st = _wait_status(c, lambda s: s["state"] == "READY", what="READY after the round")
             topics = {"bybit": 6, "okx": 10}     # Bybit tickers carry three kinds in one topic
             for ex, topic in bad.items():
@@ -144,7 +136,6 @@ def test_rejected_topics_are_reported_and_cost_only_themselves(tmp_path):
             gauges = c.metrics()["gauges"]
             rejected = {g["exchange"]: g["value"] for g in gauges["streams"] if g["status"] == "rejected"}
             assert rejected == {"bybit": 1, "okx": 1}
-            sent = sim.stats()
             assert c.stop() == 0
     # the good topics of Bybit's failed request were subscribed after all: their rows are on disk
     from tests.helpers import read_dataset
@@ -152,7 +143,6 @@ def test_rejected_topics_are_reported_and_cost_only_themselves(tmp_path):
     pairs = set(zip(bbo.column("exchange").to_pylist(), bbo.column("symbol").to_pylist()))
     assert {("bybit", "BTCUSDT"), ("okx", "ETH-USDT-SWAP"), ("okx", "BTC-USDT-SWAP")} <= pairs
     assert ("bybit", "ETHUSDT") not in pairs
-    assert sent["bybit"]["connections_open"] >= 1
 
 
 def test_a_quiet_market_is_not_degraded_but_a_silent_periodic_stream_is(tmp_path):
@@ -166,7 +156,7 @@ def test_a_quiet_market_is_not_degraded_but_a_silent_periodic_stream_is(tmp_path
             _wait_status(c, lambda s: s["state"] == "READY", what="READY")
             t0 = time.monotonic()
             while time.monotonic() - t0 < 6:           # 3x the floor, sampled as an operator would
-                st = _status(c)
+                st = c.get()
                 assert st["state"] == "READY", st["reasons"]
                 time.sleep(0.5)                         # sampling interval, not a synchronisation
             assert not c.events("stream_silent")

@@ -24,23 +24,7 @@ import websocket
 
 from app import feed, wsframes
 from tests.helpers import wait_until
-from tests.wsserver import BINARY, CLOSE, PING, PONG, TEXT, WsServer, binance_manager, self_signed_context
-
-
-def frame(payload: bytes, opcode: int = TEXT, fin: bool = True, rsv: int = 0, mask: bytes | None = None) -> bytes:
-    head = (0x80 if fin else 0) | rsv << 4 | opcode
-    n = len(payload)
-    m = 0x80 if mask else 0
-    if n < 126:
-        out = bytes([head, m | n])
-    elif n < 65536:
-        out = bytes([head, m | 126]) + struct.pack("!H", n)
-    else:
-        out = bytes([head, m | 127]) + struct.pack("!Q", n)
-    if mask:
-        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        out += mask
-    return out + payload
+from tests.wsserver import BINARY, CLOSE, PING, PONG, TEXT, WsServer, binance_manager, frame, self_signed_context
 
 
 def data_stream() -> tuple[bytes, list[bytes]]:
@@ -123,7 +107,9 @@ def library(stream, cuts, tail):
         runner.start()
         runner.join(20)
         assert not runner.is_alive(), "websocket-client did not finish"
-        time.sleep(0.1)
+        # what the client sent is complete once the server's handler has read it all
+        wait_until(lambda: srv.accepted() and all(c.done.is_set() for c in srv.accepted()), 5,
+                   what="the server's handler to end")
     return {"got": got, "pings": pings, "closes": closes, "errors": errors, "sent": sent}
 
 
@@ -330,8 +316,7 @@ def test_a_finished_connection_closes_its_socket():
             r = feed.Reader(lambda m: None)
             with pytest.raises(websocket.WebSocketException):
                 r.connect(srv.url)
-        time.sleep(0.05)
-        assert open_fds() == before
+        wait_until(lambda: open_fds() == before, 5, what="every socket closed (a leak times out here)")
     finally:
         gc.enable()
 
@@ -346,12 +331,11 @@ def test_connections_decode_with_wsframes_not_websocket_clients_reading(tmp_path
     so only counting calls shows it. Written against observable behaviour (frames in the queue,
     calls into the decoder and websocket-client's public WebSocket methods), not feed.py's own
     names, so that it keeps guarding a rewrite of the reader."""
-    from tests.wsserver import frame as server_frame
 
     n = 5000
     payloads = [b'{"stream":"btcusdt@bookTicker","data":{"e":"bookTicker","u":%d,"s":"BTCUSDT"}}' % i
                 for i in range(n)]
-    burst = b"".join(server_frame(p) if i not in (1000, 4000) else server_frame(b"hi", PING) + server_frame(p)
+    burst = b"".join(frame(p) if i not in (1000, 4000) else frame(b"hi", PING) + frame(p)
                      for i, p in enumerate(payloads))
     pongs = []
 

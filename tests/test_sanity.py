@@ -552,6 +552,8 @@ def test_collector_output_checks_clean_but_for_skipped_ids(tmp_path, capsys):
         out = capsys.readouterr().out
         assert code == 1 and f"checked {today.isoformat()}: only today has data: checking today so far" in out
         assert "(first file of the day)" in out
+    else:                                     # the only way around: the run straddled midnight UTC
+        assert days == [f"date={(today - dt.timedelta(days=1)).isoformat()}", f"date={today.isoformat()}"], days
 
 
 # ---- S3 -------------------------------------------------------------------------------------------

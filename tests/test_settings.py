@@ -1,4 +1,6 @@
+import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -91,10 +93,8 @@ def test_version_flag():
 
 
 def test_unwritable_data_dir_is_one_line_and_exit_2_at_once(tmp_path):
-    import time
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    t0 = time.monotonic()
     p = subprocess.run([sys.executable, os.path.join(ROOT, "bin", "collector"), "--data-dir",
                         str(blocker / "data"), "--status-port", "0"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=60,
@@ -103,7 +103,28 @@ def test_unwritable_data_dir_is_one_line_and_exit_2_at_once(tmp_path):
     assert p.stderr.strip().splitlines() == [
         f"collector: invalid setting data_dir: cannot write to {blocker / 'data'}: Not a directory"]
     assert "Traceback" not in p.stdout + p.stderr
-    assert time.monotonic() - t0 < 10            # before any discovery or connection attempt
+    # before anything else: no discovery or connection was attempted
+    events = [json.loads(l)["event"] for l in p.stdout.splitlines() if l.startswith("{")]
+    assert not [e for e in events if e.startswith(("discovery", "ws_"))], events
+
+
+def test_status_port_in_use_is_one_line_naming_status_port(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "bin", "collector"), "--data-dir",
+                            str(tmp_path / "data"), "--status-port", str(port)],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, STATUS_HOST="127.0.0.1", BINANCE_REST_URL="http://127.0.0.1:9"))
+    finally:
+        taken.close()
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"collector: invalid setting status_port: cannot listen on 127.0.0.1:{port}: "), lines
+    assert "Traceback" not in p.stdout + p.stderr
 
 
 def test_bin_collector_exits_2_naming_the_setting(tmp_path):

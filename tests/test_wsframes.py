@@ -15,26 +15,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from app import wsframes
 from app.wsframes import Close, Decoder, Message, Ping, Pong, ProtocolError
 
-TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
-
-
-def frame(payload: bytes, opcode: int = TEXT, fin: bool = True, rsv: int = 0,
-          mask: bytes | None = None, length: str = "minimal") -> bytes:
-    """One frame as a server (or, with mask, a client) sends it. length: minimal, 16 or 64
-    (the 2-byte or 8-byte extended length even where a shorter one would do)."""
-    n = len(payload)
-    out = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
-    m = 0x80 if mask else 0
-    if length == "64" or (length == "minimal" and n >= 65536):
-        out += bytes([m | 127]) + struct.pack("!Q", n)
-    elif length == "16" or (length == "minimal" and n >= 126):
-        out += bytes([m | 126]) + struct.pack("!H", n)
-    else:
-        out += bytes([m | n])
-    if mask:
-        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-        out += mask
-    return out + payload
+from tests.wsserver import BINARY, CLOSE, CONT, PING, PONG, TEXT, frame
 
 
 def header_len(n: int, length: str = "minimal") -> int:

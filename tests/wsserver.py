@@ -22,18 +22,26 @@ import threading
 import time
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-TEXT, BINARY, CLOSE, PING, PONG = 0x1, 0x2, 0x8, 0x9, 0xA
+TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
 
 
-def frame(payload: bytes, opcode: int = TEXT, fin: bool = True) -> bytes:
-    """One unmasked (server -> client) frame."""
-    head = (0x80 if fin else 0) | opcode
+def frame(payload: bytes, opcode: int = TEXT, fin: bool = True, rsv: int = 0,
+          mask: bytes | None = None, length: str = "minimal") -> bytes:
+    """One frame as a server (or, with mask, a client) sends it. length: minimal, 16 or 64
+    (the 2-byte or 8-byte extended length even where a shorter one would do)."""
     n = len(payload)
-    if n < 126:
-        return bytes([head, n]) + payload
-    if n < 65536:
-        return bytes([head, 126]) + struct.pack("!H", n) + payload
-    return bytes([head, 127]) + struct.pack("!Q", n) + payload
+    out = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
+    m = 0x80 if mask else 0
+    if length == "64" or (length == "minimal" and n >= 65536):
+        out += bytes([m | 127]) + struct.pack("!Q", n)
+    elif length == "16" or (length == "minimal" and n >= 126):
+        out += bytes([m | 126]) + struct.pack("!H", n)
+    else:
+        out += bytes([m | n])
+    if mask:
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        out += mask
+    return out + payload
 
 
 class ServerConn:
@@ -46,6 +54,7 @@ class ServerConn:
         self.accepted_at = time.monotonic()
         self.path = ""
         self._buf = b""
+        self.done = threading.Event()        # set when the server's handler has ended
 
     def read_request(self) -> bytes:
         req = b""
@@ -190,6 +199,7 @@ class WsServer:
             self.errors.append(e)
         finally:
             conn.close()
+            conn.done.set()
 
     def accepted(self) -> list[ServerConn]:
         with self._lock:
