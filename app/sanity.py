@@ -522,15 +522,21 @@ def _overlaps(a: int, z: int, windows) -> bool:
 
 def reference_instruments(fs, base: str, exchange: str, dates: list[str]) -> tuple[list[Instrument], list[str], list[str]]:
     """Instruments of an exchange's reference snapshots fetched on the checked dates, the union
-    over every instance's snapshots (by native symbol). -> (instruments, snapshot paths,
-    problems)"""
+    over every instance's snapshots (by native symbol). Without one on those dates, the
+    snapshots of the latest earlier day: a collector with a fixed symbol list fetches the
+    listing only at start, so a run in its third day has no snapshot of that day.
+    -> (instruments, snapshot paths, problems)"""
     days = {d.replace("-", "") for d in dates}
     try:
         infos = fs.get_file_info(pafs.FileSelector(f"{base}/reference/{exchange}", allow_not_found=True))
     except OSError as e:
         return [], [], [f"cannot list reference/{exchange}: {e}"]
-    paths = sorted(i.path for i in infos if i.type == pafs.FileType.File
-                   and (m := _REFERENCE_NAME.match(i.base_name)) and m.group(1) in days)
+    dated = [(m.group(1), i.path) for i in infos if i.type == pafs.FileType.File
+             and (m := _REFERENCE_NAME.match(i.base_name))]
+    if not any(day in days for day, _ in dated):
+        earlier = [day for day, _ in dated if day < min(days)]
+        days = {max(earlier)} if earlier else set()
+    paths = sorted(path for day, path in dated if day in days)
     fields = [f.name for f in dataclasses.fields(Instrument)]
     found: dict[str, Instrument] = {}
     problems = []
@@ -1191,8 +1197,8 @@ class Checker:
                 insts, paths, problems = snapshots.get(ex, ([], [], []))
                 out["notes"] += problems
                 if not paths:
-                    uni["why"] = f"no reference snapshot of {', '.join(o.dates)} under reference/{ex}/"
-                    uni["note"] = (f"no reference snapshot of {', '.join(o.dates)} "
+                    uni["why"] = f"no reference snapshot of {', '.join(o.dates)} or before under reference/{ex}/"
+                    uni["note"] = (f"no reference snapshot of {', '.join(o.dates)} or before "
                                    "(reference/<exchange>/instruments-<fetch time>-<instance>.parquet)")
                 else:
                     found, missing = resolve_symbols(o.symbols, insts)

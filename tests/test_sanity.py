@@ -868,14 +868,22 @@ def test_old_layout_on_s3_found_and_migrated(tmp_path, clean_dir):
         assert rep["layout"]["migrate_command"] == f"bin/check_raw_sanity --migrate-layout --root {root}"
         assert len(rep["layout"]["legacy_dirs"]) == 17 and rep["layout"]["in_both_layouts"] == 1
         assert rep["summary"] == clean["summary"] and rep["accounting"]["lost_frames"] == 0
-        # a different object at a new place: a conflict, nothing copied or deleted
+        # a different object at a new place, of the same size (only its bytes differ): a
+        # conflict, nothing copied or deleted
         victim = rels[5]
-        client.put_object(Bucket=bucket, Key=f"{prefix}/{victim}", Body=b"something else")
+        other = bytearray((d / victim).read_bytes())
+        other[len(other) // 2] ^= 0xFF
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{victim}", Body=bytes(other))
         before = objects()
         p = script("--migrate-layout", "--root", root, cwd=tmp_path, env=env)
         assert p.returncode == 2 and f"CONFLICT s3://{bucket}/{prefix}/{old_rel(victim)}" in p.stdout, p.stdout
         assert objects() == before
         client.delete_object(Bucket=bucket, Key=f"{prefix}/{victim}")
+        # a dry run says what it would do and does nothing
+        before = objects()
+        p = script("--migrate-layout", "--dry-run", "--root", root, cwd=tmp_path, env=env)
+        assert p.returncode == 0 and "(dry run: nothing changed)" in p.stdout, p.stdout + p.stderr
+        assert "result: would move" in p.stdout and objects() == before
         # a crash mid-way (after 5 deletes nothing answers any more): every file is somewhere
         deleted = []
 
@@ -963,19 +971,20 @@ def test_dates_and_durations():
 
 # ---- scale-out: shards and replicas writing to one root ---------------------------------------------
 
-def record_together(recs, market, t_from, t_to, tweak=None) -> None:
+def record_together(recs, market, t_from, t_to, tweak=None, message=None) -> None:
     """Several collectors receiving the same exchange messages: each message is made once and
     handed to every recorder whose shard owns its symbol (both replicas of a shard get it, each
     at its own lag). `tweak(rec, tick, ex, si)`: None (received), "skip" (that recorder is
     disconnected from the exchange; it reconnects when it gets the next one) or "absent" (that
-    recorder never subscribed the stream)."""
+    recorder never subscribed the stream). `message(tick, ex, si)`: Market.frame's keywords for
+    that message (e.g. a crossed book), or None."""
     batches = {id(r): [] for r in recs}
     exchanges = [ex for ex in EXCHANGES if any(ex in r.exchanges for r in recs)]
     for tick in range(t_from, t_to):
         ts = T0 + tick * TICK
         for ex in exchanges:
             for si, sym in enumerate(SYMS[ex]):
-                payload = market.frame(ex, si, tick, ts + si * 1000)
+                payload = market.frame(ex, si, tick, ts + si * 1000, **((message and message(tick, ex, si)) or {}))
                 for r in recs:
                     if ex not in r.exchanges or not r.shard.owns(ex, sym):
                         continue
@@ -1076,6 +1085,26 @@ def test_replica_hole_covered_by_its_twin_counts_nothing_twice(tmp_path, clean_d
         assert streamed[key] == r[key], key
 
 
+def test_content_of_a_message_both_replicas_stored_is_flagged_once(tmp_path):
+    """A crossed Binance book and a zero-price OKX trade reach both replicas: one message each,
+    so one content flag each (judged on the first copy), however many copies are stored."""
+    a = Recorder(tmp_path, "20240305T100000Zaaaa", instance_id="ra", replica="a")
+    b = Recorder(tmp_path, "20240305T100000Zbbbb", instance_id="rb", replica="b", lag_ns=3_000_000)
+
+    def message(tick, ex, si):
+        if (tick, ex, si) == (20, "binance", 0):           # (20 + 0) % 4 == 0: a book
+            return {"bid": "100.3", "ask": "100.2"}
+        if (tick, ex, si) == (21, "okx", 0):               # (21 + 0) % 4 == 1: a trade
+            return {"price": "0"}
+        return None
+    record_together([a, b], Market(), 0, 40, message=message)
+    a.close()
+    b.close()
+    r = check(tmp_path)
+    flags = {(c["exchange"], c["dataset"], c["check"]): c["count"] for c in r["content"]}
+    assert flags == {("binance", "bbo", "crossed_bbo"): 1, ("okx", "trades", "non_positive_price"): 1}, flags
+
+
 def test_both_replicas_down_is_offline_and_a_loss(tmp_path):
     """Replica a is down 10:00:50-10:02:30, b 10:01:40-10:03:20: the shard (their union) has no
     frame 10:01:40-10:02:30, an offline window (a finding) with the ids missed meanwhile; each
@@ -1108,15 +1137,16 @@ def test_both_replicas_down_is_offline_and_a_loss(tmp_path):
 SHARD_SYMBOLS = ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
 
 
-def write_listings(root, instance_id: str, bases=("BTC", "ETH", "SOL", "XRP")) -> None:
+def write_listings(root, instance_id: str, bases=("BTC", "ETH", "SOL", "XRP"), days_before: int = 0) -> None:
     """Reference snapshots as discovery writes them (app.writer.write_reference), fetched at
-    09:59 of DAY: XRP is listed but not requested."""
+    09:59 of DAY (or that many days before): XRP is listed but not requested."""
     s = settings_mod.load(None, environ={}, dotenv_path=os.path.join(str(root), ".env")).replace(data_dir=str(root))
     storage = LocalStorage(s, State(exchanges=list(EXCHANGES), queue=FrameQueue()))
     for ex in EXCHANGES:
         insts = [Instrument(ex, f"{b}-USDT-SWAP" if ex == "okx" else f"{b}USDT", f"{b}-USDT-PERP", b, "USDT",
                             "live", "perpetual") for b in bases]
-        writer_mod.write_reference(str(root), storage, ex, insts, T0 - 60 * 10**9, instance_id)
+        writer_mod.write_reference(str(root), storage, ex, insts, T0 - 60 * 10**9 - days_before * 86400 * 10**9,
+                                   instance_id)
 
 
 def test_missing_shard_and_symbols_recorded_by_no_shard(tmp_path, capsys):
@@ -1173,13 +1203,22 @@ def test_missing_shard_and_symbols_recorded_by_no_shard(tmp_path, capsys):
     assert r["coverage"]["exchanges"]["okx"]["universe"]["status"] == "unknown"
     assert r["coverage"]["notes"] == [
         "coverage unknown for binance, bybit, okx: no requested symbols given (--symbols, or the settings' symbols)"]
-    # no reference snapshot of the day: unknown too
+    # a fixed symbol list fetches the listing only at start: the latest earlier day's snapshot
+    # is the universe of a day without one (two days before; an older one is not used)
+    shutil.rmtree(tmp_path / "reference")
+    write_listings(tmp_path, "s0", bases=("BTC",), days_before=5)
+    write_listings(tmp_path, "s0", days_before=2)
+    r = check(tmp_path, symbols=SHARD_SYMBOLS)
+    assert r["coverage"]["exchanges"]["bybit"]["universe"] == {
+        "status": "known", "symbols": 3, "snapshots": 1, "listed": 4, "not_listed": []}
+    assert "bybit: 2 symbol(s) of the universe recorded by no shard (owners 1/3)" in r["findings"]
+    # no reference snapshot of the day or before: unknown
     shutil.rmtree(tmp_path / "reference")
     r = check(tmp_path, symbols=SHARD_SYMBOLS)
     assert r["coverage"]["exchanges"]["bybit"]["universe"] == {
-        "status": "unknown", "why": f"no reference snapshot of {DAY} under reference/bybit/"}
+        "status": "unknown", "why": f"no reference snapshot of {DAY} or before under reference/bybit/"}
     assert r["coverage"]["notes"] == ["coverage unknown for binance, bybit, okx: no reference snapshot of 2024-03-05 "
-                                      "(reference/<exchange>/instruments-<fetch time>-<instance>.parquet)"]
+                                      "or before (reference/<exchange>/instruments-<fetch time>-<instance>.parquet)"]
     assert not any("recorded by no shard" in f for f in r["findings"])
 
 
@@ -1218,7 +1257,7 @@ def test_resharding_in_the_day_is_a_finding_with_coverage_per_n(tmp_path, clean_
 def test_duplicates_within_one_instance_across_files(tmp_path, monkeypatch):
     """A connection rotation's overlap: the new OKX connection (conn 99) receives again the
     messages of 10:00:56-10:01:00 just after the file of 10:00 was closed, so the copies are in
-    the next file; and at 10:01:40 OKX re-sends the book of 10:01:20 unchanged (same seqId, a
+    the next file; and at 10:01:40 OKX re-sends the book of 10:01:10 unchanged (same seqId, a
     new message time). Duplicates within the instance (across files), not across instances; not
     a gap, not a finding; the same when the union is judged in many small slices (the re-send
     then lands in a later slice than its original: the identities carried over find it)."""
@@ -1236,11 +1275,11 @@ def test_duplicates_within_one_instance_across_files(tmp_path, monkeypatch):
             batch.append(rec.item("okx", ts, p))
             if 112 <= tick < 120:
                 again.append(p)
-            if (tick, si) == (160, 0):                 # (160 + 0) % 4 == 0: a bbo-tbt snapshot
+            if (tick, si) == (140, 0):                 # (140 + 0) % 4 == 0: a bbo-tbt snapshot
                 book = p
         if tick == 200:
             ms = (T0 + tick * TICK) // 10**6
-            resent = book.replace(b'"ts":"%d"' % ((T0 + 160 * TICK) // 10**6), b'"ts":"%d"' % ms)
+            resent = book.replace(b'"ts":"%d"' % ((T0 + 140 * TICK) // 10**6), b'"ts":"%d"' % ms)
             assert resent != book
             batch.append(rec.item("okx", T0 + tick * TICK + 3000, resent))
         if 120 <= tick < 128:                          # 4 s later: received again on the new socket
