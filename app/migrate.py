@@ -38,22 +38,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
-LEGACY = "exchange="            # the first layout's exchange directory: exchange=<x>
+from app import schema, storage_s3
+
 S3_COPY_MAX = 5 * 1024 ** 3     # CopyObject's limit; larger objects go through a multipart copy
 
 
 # ---- layout ----------------------------------------------------------------------------------------
-
-def exchange_dir(name: str) -> tuple[str, bool] | None:
-    """(exchange, legacy) for a directory name under raw/v1/<dataset>/, None if it is none:
-    `okx` -> ('okx', False); `exchange=okx` -> ('okx', True); hidden, `_x` or other `k=v` -> None."""
-    if name.startswith(LEGACY):
-        ex = name[len(LEGACY):]
-        return (ex, True) if ex and "=" not in ex else None
-    if not name or name[0] in "._" or "=" in name:
-        return None
-    return name, False
-
 
 def command(root: str, config: str | None = None) -> str:
     """The one command that moves a root's old-layout files (printed by check_raw_sanity)."""
@@ -177,7 +167,7 @@ def local_plan(base: str) -> tuple[list[tuple[str, str, str, str]], list[str]]:
         if not os.path.isdir(ds_dir) or os.path.islink(ds_dir):
             continue
         for name in sorted(os.listdir(ds_dir)):
-            ex = exchange_dir(name)
+            ex = schema.exchange_dir(name)
             src_root = os.path.join(ds_dir, name)
             if ex is None or not ex[1] or not os.path.isdir(src_root) or os.path.islink(src_root):
                 continue
@@ -266,16 +256,11 @@ def migrate_local(root: str, dry_run: bool = False) -> Result:
 # ---- S3 --------------------------------------------------------------------------------------------
 
 def s3_client(endpoint: str = "", region: str = "us-east-1", workers: int = 8):
-    """A boto3 S3 client as the collector's storage builds it (path-style addressing and
-    checksums only when required against a custom endpoint; credentials from the standard
-    AWS variables, files or an instance role)."""
+    """A boto3 S3 client configured as the collector's storage builds it (credentials from the
+    standard AWS variables, files or an instance role); patient: a migration is run by hand."""
     import boto3
-    from botocore.config import Config
-    when = "when_required" if endpoint else "when_supported"
-    cfg = Config(region_name=region or "us-east-1", s3={"addressing_style": "path" if endpoint else "auto"},
-                 retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=120,
-                 max_pool_connections=max(10, 2 * workers),
-                 request_checksum_calculation=when, response_checksum_validation=when)
+    cfg = storage_s3.client_config(region, endpoint, pool=max(10, 2 * workers), attempts=5,
+                                   connect_timeout=10, read_timeout=120)
     return boto3.session.Session().client("s3", endpoint_url=endpoint or None, config=cfg)
 
 
@@ -333,7 +318,7 @@ def migrate_s3(root: str, endpoint: str = "", region: str = "us-east-1", dry_run
             for page2 in _list(client, bucket, cp["Prefix"], "/"):
                 for cp2 in page2.get("CommonPrefixes", []):
                     name = cp2["Prefix"][len(cp["Prefix"]):].strip("/")
-                    ex = exchange_dir(name)
+                    ex = schema.exchange_dir(name)
                     if ex is not None and ex[1]:
                         legacy.append((ds, name, ex[0]))
     plan = []                        # (DirResult, old key, new key, size, etag, (size, etag) at new key | None)
@@ -358,7 +343,7 @@ def migrate_s3(root: str, endpoint: str = "", region: str = "us-east-1", dry_run
             if _same_object(client, bucket, old, size, etag, new, there[0], there[1]):
                 return None
         except Exception as e:  # noqa: BLE001 - cannot compare: an error, nothing is deleted
-            return ("error", {"path": f"s3://{bucket}/{new}", "detail": f"cannot compare with {old}: {_why(e)}"})
+            return ("error", {"path": f"s3://{bucket}/{new}", "detail": f"cannot compare with {old}: {storage_s3.error_reason(e)}"})
         return ("conflict", {"old": f"s3://{bucket}/{old}", "new": f"s3://{bucket}/{new}",
                              "detail": f"{size:,} bytes at the old place, {there[0]:,} different bytes at the new place"})
 
@@ -397,7 +382,7 @@ def migrate_s3(root: str, endpoint: str = "", region: str = "us-east-1", dry_run
                                             "detail": f"the copy at {new} differs from the original: not deleted"}
                 client.delete_object(Bucket=bucket, Key=old)
             except Exception as e:  # noqa: BLE001 - this file stays at its old place
-                return d, "error", {"path": f"s3://{bucket}/{old}", "detail": _why(e)}
+                return d, "error", {"path": f"s3://{bucket}/{old}", "detail": storage_s3.error_reason(e)}
             return d, ("moved" if there is None else "identical"), size
 
         for d, what, v in pool.map(move, plan):
@@ -410,15 +395,6 @@ def migrate_s3(root: str, endpoint: str = "", region: str = "us-east-1", dry_run
                 res.errors.append(v)
     res.elapsed_s = time.monotonic() - t0
     return res
-
-
-def _why(e: BaseException) -> str:
-    """A short, secret-free description of an S3 error."""
-    resp = getattr(e, "response", None)
-    if isinstance(resp, dict) and "Error" in resp:
-        err = resp["Error"]
-        return f"{err.get('Code', '?')} (HTTP {resp.get('ResponseMetadata', {}).get('HTTPStatusCode')})"
-    return f"{type(e).__name__}: {str(e)[:200]}"
 
 
 # ---- entry point -----------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from app import migrate, schema, sharding
+from app import migrate, schema, sharding, storage_s3
 from app.exchanges import EXCHANGES, Instrument, resolve_symbols
 from app.exchanges import create as create_adapter
 from app.gaps import Gap, SequenceTracker, TimeGapTracker, time_gap_limit_s
@@ -221,7 +221,7 @@ class FileRef:
 
     @property
     def ex_dir(self) -> str:
-        return f"{migrate.LEGACY}{self.exchange}" if self.legacy else self.exchange
+        return f"{schema.LEGACY_EXCHANGE_DIR}{self.exchange}" if self.legacy else self.exchange
 
 
 @dataclass
@@ -254,7 +254,7 @@ def exchange_dirs(fs, base: str, exchanges: list[str] | None = None, frames_all:
         except OSError:
             infos = []
         for info in sorted(infos, key=lambda i: i.base_name):
-            ex = migrate.exchange_dir(info.base_name)
+            ex = schema.exchange_dir(info.base_name)
             if info.type != pafs.FileType.Directory or ex is None:
                 continue
             if exchanges is not None and ex[0] not in exchanges and not (frames_all and ds == "frames"):
@@ -1767,7 +1767,7 @@ def main(argv: list[str]) -> int:
         try:
             return migrate.run(opts.root, opts.s3_endpoint, opts.s3_region, dry_run=args.dry_run, as_json=args.json)
         except Exception as e:  # noqa: BLE001 - storage unreachable etc.: files stay where they are
-            print(f"check_raw_sanity: cannot migrate {opts.root}: {migrate._why(e)}", file=sys.stderr)
+            print(f"check_raw_sanity: cannot migrate {opts.root}: {storage_s3.error_reason(e)}", file=sys.stderr)
             return 2
     try:
         report = check(opts)

@@ -371,6 +371,20 @@ def parquet_options(dataset: str, exchange: str | None = None) -> dict:
     }
 
 
+LEGACY_EXCHANGE_DIR = "exchange="   # the first layout's exchange directory: exchange=<x>
+
+
+def exchange_dir(name: str) -> tuple[str, bool] | None:
+    """(exchange, legacy) for a directory name under raw/v1/<dataset>/, None if it is none:
+    `okx` -> ('okx', False); `exchange=okx` -> ('okx', True); hidden, `_x` or other `k=v` -> None."""
+    if name.startswith(LEGACY_EXCHANGE_DIR):
+        ex = name[len(LEGACY_EXCHANGE_DIR):]
+        return (ex, True) if ex and "=" not in ex else None
+    if not name or name[0] in "._" or "=" in name:
+        return None
+    return name, False
+
+
 def partition_path(dataset: str, exchange: str, date: str) -> str:
     """raw/v1/<dataset>/<exchange>/date=<date>: the exchange directory is a plain name, not a Hive
     key `exchange=<x>`, since the files carry `exchange` as a column and pandas / pyarrow's

@@ -52,7 +52,7 @@ from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from s3transfer.utils import ChunksizeAdjuster
 
-from app import logs, migrate
+from app import logs, schema
 from app.errors import SettingsError
 
 log = logs.get()
@@ -98,7 +98,7 @@ def _current_layout(key: str) -> str:
     key the current layout gives it, so an outage across an upgrade leaves no old-layout keys."""
     parts = key.split("/")
     if len(parts) >= 5 and parts[0] == "raw":
-        found = migrate.exchange_dir(parts[3])
+        found = schema.exchange_dir(parts[3])
         if found is not None and found[1]:
             parts[3] = found[0]
     return "/".join(parts)
@@ -142,8 +142,8 @@ def expected_etag(path: str, size: int, threshold: int, chunksize: int) -> str:
         return hashlib.md5(b"".join(digests)).hexdigest() + f"-{len(digests)}"
 
 
-def _reason(e: BaseException) -> str:
-    """A short, secret-free description of an upload error."""
+def error_reason(e: BaseException) -> str:
+    """A short, secret-free description of an S3 error (uploads, migration)."""
     if isinstance(e, bexc.ClientError):
         err = e.response.get("Error", {})
         status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -155,6 +155,19 @@ def _reason(e: BaseException) -> str:
     if isinstance(e, (bexc.ReadTimeoutError, bexc.ConnectTimeoutError)):
         return "timeout"
     return f"{type(e).__name__}: {str(e)[:200]}"
+
+
+def client_config(region: str, endpoint: str | None, addressing_style: str = "auto", *, pool: int = 10,
+                  attempts: int = 2, connect_timeout: float = 5, read_timeout: float = 60) -> Config:
+    """botocore Config for our S3 clients: path-style addressing and checksums only when
+    required against a custom endpoint (MinIO, Ceph, R2... reject or mangle the others)."""
+    if addressing_style == "auto" and endpoint:
+        addressing_style = "path"
+    when = "when_required" if endpoint else "when_supported"
+    return Config(region_name=region or "us-east-1", s3={"addressing_style": addressing_style},
+                  retries={"max_attempts": attempts, "mode": "standard"},
+                  connect_timeout=connect_timeout, read_timeout=read_timeout, max_pool_connections=pool,
+                  request_checksum_calculation=when, response_checksum_validation=when)
 
 
 class S3Storage:
@@ -174,15 +187,8 @@ class S3Storage:
         self.near_full_ratio = getattr(s, "degraded_spool_ratio", NEAR_FULL_RATIO)
         self.retry_min, self.retry_max = s.upload_retry_min, s.upload_retry_max
         self.verify_etag = s.s3_verify == "etag"
-        style = s.s3_addressing_style
-        if style == "auto" and self.endpoint:
-            style = "path"
-        when = "when_required" if self.endpoint else "when_supported"
-        self._config = Config(region_name=s.s3_region, s3={"addressing_style": style},
-                              retries={"max_attempts": 2, "mode": "standard"},
-                              connect_timeout=5, read_timeout=60,
-                              max_pool_connections=max(10, 2 * self.concurrency),
-                              request_checksum_calculation=when, response_checksum_validation=when)
+        self._config = client_config(s.s3_region, self.endpoint, s.s3_addressing_style,
+                                     pool=max(10, 2 * self.concurrency))
         self.transfer_config = TransferConfig(multipart_threshold=s.s3_multipart_threshold,
                                               multipart_chunksize=s.s3_multipart_chunksize,
                                               max_concurrency=self.concurrency, use_threads=True,
@@ -618,7 +624,7 @@ class S3Storage:
             backlog = len(self._known)
             self._cond.notify_all()
         self._fail_log(logging.WARNING, "upload_failed", key="store", object=self.object_key(item.key),
-                       reason=_reason(e), attempt=item.attempts, retry_in_s=round(retry_in, 2),
+                       reason=error_reason(e), attempt=item.attempts, retry_in_s=round(retry_in, 2),
                        backlog_files=backlog)
 
     def _prune_dir(self, path: str) -> None:
