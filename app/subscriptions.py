@@ -37,7 +37,6 @@ class SubscriptionBook:
         self.ack_timeout = ack_timeout
         self.retries = retries
         self._next_request_id = next_request_id
-        self._whole = adapter.REJECTS_WHOLE_REQUEST
         self._lock = threading.Lock()
         self.streams: dict[str, Stream] = {s.key: s for s in streams}
         self.status: dict[str, str] = dict.fromkeys(self.streams, PENDING)
@@ -45,7 +44,7 @@ class SubscriptionBook:
         self.live_at: dict[str, float] = {}           # key -> when it became live (silence check)
         self._attempts: dict[str, int] = dict.fromkeys(self.streams, 0)
         self._alone: set[str] = set()                 # keys whose latest request held them alone
-        self._due: list[tuple[float, tuple[str, ...], bool]] = [(now, tuple(self.streams), False)]
+        self._due: list[tuple[float, tuple[str, ...]]] = [(now, tuple(self.streams))]
         self._requests: dict[str, tuple[float, tuple[str, ...]]] = {}   # request id -> (sent, keys)
         self._round_started = now
         self.round_requests = 0
@@ -62,7 +61,7 @@ class SubscriptionBook:
                 return []
             self._due = [d for d in self._due if d[0] > now]
             out = []
-            for _at, keys, alone in due:
+            for _at, keys in due:
                 keys = tuple(k for k in keys if self.status.get(k) == PENDING)
                 if not keys:
                     continue
@@ -72,7 +71,7 @@ class SubscriptionBook:
                     self._requests[str(rid)] = (now, part)
                     for k in part:
                         self._attempts[k] += 1
-                        if alone or len(part) == 1:
+                        if len(part) == 1:
                             self._alone.add(k)
                         else:
                             self._alone.discard(k)
@@ -101,7 +100,7 @@ class SubscriptionBook:
                 else:
                     retry.append(k)
             if retry:
-                self._due.append((now + self._backoff(retry[0]), tuple(retry), False))
+                self._due.append((now + self._backoff(retry[0]), tuple(retry)))
         self._check_round(now)
 
     def _backoff(self, key: str) -> float:
@@ -122,19 +121,15 @@ class SubscriptionBook:
             self._check_round(now)
 
     def on_error(self, request_id, keys: tuple[str, ...], detail: str, now: float) -> bool:
-        """An error for a request or named keys. -> False if it concerns none of ours."""
+        """An error naming its keys (OKX, per arg) or only its request (Bybit and Binance fail a
+        whole request). -> False if it concerns none of ours."""
         with self._lock:
             rid = str(request_id)
             req = self._requests.get(rid)
-            if keys and not self._whole:
-                affected = [k for k in keys if self.status.get(k) == PENDING]
-            elif req is not None:
-                affected = [k for k in req[1] if self.status.get(k) == PENDING]
-            else:
-                affected = [k for k in keys if self.status.get(k) == PENDING]
-            if req is not None and (self._whole or not keys or
-                                    not any(self.status.get(k) == PENDING and k not in affected
-                                            for k in req[1])):
+            named = keys or (req[1] if req is not None else ())
+            affected = [k for k in named if self.status.get(k) == PENDING]
+            # the request stays open (its timeout pending) while others of its keys await an answer
+            if req is not None and not any(self.status.get(k) == PENDING and k not in affected for k in req[1]):
                 del self._requests[rid]
             if not affected:
                 return req is not None
@@ -145,7 +140,7 @@ class SubscriptionBook:
                 else:
                     retry.append(k)
             for k in retry:       # one request each: a bad topic can only fail itself now
-                self._due.append((now + RETRY_BACKOFF_S, (k,), True))
+                self._due.append((now + RETRY_BACKOFF_S, (k,)))
             if retry:
                 self.events.append(("subscription_split", {"streams": len(retry), "detail": detail}))
             self._check_round(now)
@@ -165,7 +160,6 @@ class SubscriptionBook:
     def all_live(self, now: float) -> None:
         """The connection URL named every stream: the handshake is the acknowledgement."""
         with self._lock:
-            self._due = []
             for k in self.status:
                 self._live(k, now)
             self._check_round(now)

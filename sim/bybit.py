@@ -84,7 +84,7 @@ class Bybit(ExchangeBase):
                 self.futures.append((f"{b}USDT-{exp}", b))
         self.known.update(s for s, _ in self.futures)
         self.tk_bucket = self.mark_bucket = self.oi_bucket = None
-        self.sec_bucket = self.rs_bucket = None
+        self.rs_bucket = None
         self.ip_window = collections.deque()
         self.ep_window = {}
         self.banned_until = 0.0

@@ -20,11 +20,11 @@ CONSTANTS = PROTOCOL_NAMES - METHODS
 
 def test_the_protocol_is_what_the_callers_use():
     assert CONSTANTS == {"NAME", "KEEPALIVE", "MAX_CONNECTION_AGE_S", "CONNECT_INTERVAL_S", "SUBSCRIBE_INTERVAL_S",
-                         "SUBSCRIBE_IN_URL", "REJECTS_WHOLE_REQUEST", "MAX_STREAMS_PER_CONNECTION", "URGENT_SCREEN",
+                         "SUBSCRIBE_IN_URL", "MAX_STREAMS_PER_CONNECTION", "URGENT_SCREEN",
                          "GAP_RULES", "UNSUPPORTED_DATASETS", "MAPPED_FIELDS"}
     assert METHODS == {"ws_url", "discovery_request", "parse_discovery", "unified", "streams_for", "plan_connections",
                        "subscribe_messages", "unsubscribe_messages", "parse", "parse_batch", "urgent_control",
-                       "alignment_request", "parse_recent_trades", "parse_latest_trade", "time_request",
+                       "alignment_request", "parse_recent_trades", "time_request",
                        "parse_server_time", "rest_throttle"}
 
 
@@ -48,7 +48,7 @@ def test_constants_are_of_the_declared_kinds(name):
     assert isinstance(a.KEEPALIVE, Keepalive)
     assert a.MAX_CONNECTION_AGE_S is None or a.MAX_CONNECTION_AGE_S > 0
     assert isinstance(a.CONNECT_INTERVAL_S, float) and isinstance(a.SUBSCRIBE_INTERVAL_S, float)
-    assert isinstance(a.SUBSCRIBE_IN_URL, bool) and isinstance(a.REJECTS_WHOLE_REQUEST, bool)
+    assert isinstance(a.SUBSCRIBE_IN_URL, bool)
     assert isinstance(a.MAX_STREAMS_PER_CONNECTION, int) and a.MAX_STREAMS_PER_CONNECTION > 0
     assert a.URGENT_SCREEN is None or isinstance(a.URGENT_SCREEN, bytes)
     assert all(ds in schema.DATASETS and isinstance(r, SequenceRule) for ds, r in a.GAP_RULES.items())

@@ -146,3 +146,65 @@ def test_okx_notice_is_recognised_from_the_raw_bytes():
     assert data.startswith(okx.URGENT_SCREEN)        # data frames skip the look entirely
     assert okx.urgent_control(b'{"id":"3","event":"subscribe","arg":{"channel":"trades"}}') is None
     assert binance.urgent_control(frame) is None and bybit.urgent_control(frame) is None
+
+
+def test_okx_one_arg_refused_and_the_other_acks_lost_are_retried_not_left_pending():
+    """OKX refuses one arg (60018, no `arg`) and the ACKs of the other three never come: the
+    request stays open for them, so its timeout re-sends them; nothing stays pending for ever."""
+    book = _book(okx, ["BTC-USDT-SWAP", "BAD-USDT-SWAP"], timeout=5.0, retries=1)
+    (text, rid, keys), = book.take_due(0.0)
+    _feed(book, okx, ujson.dumps({"id": str(rid), "event": "error", "code": "60018", "connId": "c",
+                                  "msg": "Wrong URL or channel:trades,instId:BAD-USDT-SWAP doesn't exist."}), 0.3)
+    sent = book.take_due(1.3)                     # the refused arg alone, once more
+    assert [ks for _t, _r, ks in sent] == [("trades:BAD-USDT-SWAP",)]
+    assert book.take_due(5.0) == []               # the other three time out: re-sent after 1 s
+    assert book.next_due() == 6.0
+    resent = book.take_due(6.0)
+    assert sorted(k for _t, _r, ks in resent for k in ks) == sorted(k for k in keys if k != "trades:BAD-USDT-SWAP")
+    book.take_due(30.0)                           # attempts exhausted: reported, not pending
+    assert book.counts() == {"requested": 4, LIVE: 0, PENDING: 0, REJECTED: 4}
+
+
+def test_retry_backoff_doubles_up_to_its_cap():
+    book = _book(okx, ["BTC-USDT-SWAP"], datasets=("bbo",), timeout=1.0, retries=8)
+    now, waits = 0.0, []
+    book.take_due(now)
+    for _ in range(7):
+        now += 1.0                                # the request times out
+        assert book.take_due(now) == []
+        waits.append(book.next_due() - now)
+        now = book.next_due()
+        assert len(book.take_due(now)) == 1
+    assert waits == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+
+
+def test_a_single_stream_refused_on_its_own_is_rejected_at_once():
+    """A request that held one stream only already cost it alone: no second request."""
+    book = _book(bybit, ["BTCUSDT"], datasets=("bbo",))
+    (_text, rid, keys), = book.take_due(0.0)
+    assert keys == ("orderbook.1.BTCUSDT",)
+    _feed(book, bybit, ujson.dumps({"success": False, "ret_msg": "error:handler not found,topic:orderbook.1.BTCUSDT",
+                                    "conn_id": "c", "req_id": str(rid), "op": "subscribe"}), 0.2)
+    assert book.snapshot()["orderbook.1.BTCUSDT"][0] == REJECTED and book.take_due(5.0) == []
+
+
+def test_a_rejected_stream_whose_data_arrives_is_live_again():
+    book = _book(bybit, ["BTCUSDT"], datasets=("bbo",))
+    (_text, rid, _keys), = book.take_due(0.0)
+    _feed(book, bybit, ujson.dumps({"success": False, "ret_msg": "error:handler not found,topic:orderbook.1.BTCUSDT",
+                                    "conn_id": "c", "req_id": str(rid), "op": "subscribe"}), 0.2)
+    assert book.counts()[REJECTED] == 1
+    book.take_events()
+    book.on_data({"orderbook.1.BTCUSDT": 20_000}, since_ns=10_000, now=3.0)
+    assert book.snapshot()["orderbook.1.BTCUSDT"][0] == LIVE
+    assert ("subscription_recovered", {"stream": "orderbook.1.BTCUSDT"}) in book.take_events()
+
+
+def test_a_retry_sends_only_what_is_still_pending():
+    book = _book(bybit, ["BTCUSDT"], datasets=("bbo", "trades"), timeout=5.0)
+    (_t, _rid, keys), = book.take_due(0.0)
+    assert sorted(keys) == ["orderbook.1.BTCUSDT", "publicTrade.BTCUSDT"]
+    assert book.take_due(5.0) == []               # no answer: re-sent at 6 s
+    book.on_data({"publicTrade.BTCUSDT": 20_000}, since_ns=10_000, now=5.5)    # its data came meanwhile
+    (_t, _rid, again), = book.take_due(6.0)
+    assert again == ("orderbook.1.BTCUSDT",)

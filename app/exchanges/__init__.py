@@ -153,7 +153,6 @@ class Adapter(Protocol):
     CONNECT_INTERVAL_S: float        # minimum spacing of new connections (per exchange, per IP)
     SUBSCRIBE_INTERVAL_S: float      # pause between subscribe messages on one connection
     SUBSCRIBE_IN_URL: bool           # the connection URL itself names the streams (no subscribe ACK)
-    REJECTS_WHOLE_REQUEST: bool      # an error answers the whole subscribe request (else: the args it names)
     MAX_STREAMS_PER_CONNECTION: int  # streams (topics, args) one connection may hold
     URGENT_SCREEN: bytes | None      # bytes every plain data frame opens with; other frames go through
     #                                  urgent_control on the socket thread (None: nothing is urgent)
@@ -204,9 +203,6 @@ class Adapter(Protocol):
 
     def parse_recent_trades(self, body: object) -> list[tuple[str, int]]:
         """[(trade id, trade time ms)], oldest first."""
-
-    def parse_latest_trade(self, body: object) -> tuple[str, int] | None:
-        """The newest of parse_recent_trades, or None."""
 
     def time_request(self) -> tuple[str, dict, int]:
         """(path, params, weight) of the server time."""

@@ -68,7 +68,6 @@ class BinanceAdapter(AdapterBase):
     CONNECT_INTERVAL_S = 0.2                      # connection rate per IP unconfirmed: stay modest
     SUBSCRIBE_INTERVAL_S = 0.25                   # <= 10 inbound messages/s, pings included
     SUBSCRIBE_IN_URL = True                       # initial streams go in the URL; SUBSCRIBE for changes
-    REJECTS_WHOLE_REQUEST = True                  # an error answers the whole SUBSCRIBE request
     MAX_STREAMS_PER_CONNECTION = 200              # documented 1024 (2026) / 200 (older): be safe
     URGENT_SCREEN = None                          # no in-band event must bypass the writer
     GAP_RULES = {"trades": SequenceRule("trade_id")}   # aggTrade `a` is +1 per symbol

@@ -94,7 +94,6 @@ class BybitAdapter(AdapterBase):
     CONNECT_INTERVAL_S = 0.6                    # <= 500 new connections per 5 min per domain
     SUBSCRIBE_INTERVAL_S = 0.2                  # WS message rate undocumented; ACKs take ~200 ms
     SUBSCRIBE_IN_URL = False
-    REJECTS_WHOLE_REQUEST = True                # `success:false` for one bad topic fails them all
     MAX_STREAMS_PER_CONNECTION = 200
     URGENT_SCREEN = None                        # no in-band event must bypass the writer
     GAP_RULES: dict = {}

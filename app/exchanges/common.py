@@ -2,7 +2,7 @@
 
 Why one place: the three exchanges differ in their facts (names, limits, frame layouts, the channel
 table) and in little else; the code around the facts (symbol-name memo, streams from the table,
-numbered subscribe requests, the batch path, the latest trade, Retry-After, counting what
+numbered subscribe requests, the batch path, Retry-After, counting what
 discovery skips) was written three times and kept in step by hand. An exchange class sets its
 constants, its `_CHANNELS` table and the few methods whose protocol differs; the rest is here.
 Sans-I/O.
@@ -98,10 +98,6 @@ class AdapterBase:
     # ---- REST --------------------------------------------------------------------------------------
     def parse_recent_trades(self, body: object) -> list[tuple[str, int]]:
         raise NotImplementedError
-
-    def parse_latest_trade(self, body: object) -> tuple[str, int] | None:
-        trades = self.parse_recent_trades(body)
-        return trades[-1] if trades else None
 
 
 # Exceptions a frame of the wrong shape raises inside a parser (a missing key, a list where an

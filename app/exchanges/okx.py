@@ -98,7 +98,6 @@ class OkxAdapter(AdapterBase):
     CONNECT_INTERVAL_S = 0.4                          # <= 3 new connections per second per IP
     SUBSCRIBE_INTERVAL_S = 0.25                       # "60014 requests too frequent" rate undocumented
     SUBSCRIBE_IN_URL = False
-    REJECTS_WHOLE_REQUEST = False                     # every arg is ACKed or refused on its own
     MAX_STREAMS_PER_CONNECTION = 200                  # no documented cap on public channels; be modest
     URGENT_SCREEN = b'{"arg"'                         # data frames open so; others may be a notice
     GAP_RULES = {"trades": SequenceRule("last_trade_id", count_column="trade_count")}
