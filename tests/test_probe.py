@@ -56,3 +56,24 @@ def test_probe_fails_on_a_rejected_kind_and_names_it(tmp_path):
     assert "handler not found" in trades["reasons"]["publicTrade.ETHUSDT"]
     assert report["exchanges"]["bybit"]["kinds"]["bbo"]["ok"] is True
     assert "rejected publicTrade.ETHUSDT" in proc.stdout and "probe: FAILED" in proc.stdout
+
+
+def test_a_frame_the_parser_chokes_on_is_counted_and_the_probe_goes_on():
+    """Whatever a parser raises on a frame, the probe counts it as an error (with a sample) and
+    parses the next one, as the writer does."""
+    from app.exchanges import create
+    from app.handoff import FrameQueue
+    from app.probe import Consumer
+
+    class Choking(type(create("binance"))):
+        def parse(self, frame, sink):
+            if frame[4] == b"choke":
+                raise RuntimeError("a bug in a parser")
+            return super().parse(frame, sink)
+    c = Consumer(FrameQueue(100), {"binance": Choking()}, {"binance": []})
+    c.frame("binance", 1, 1, 10, b"choke")
+    c.frame("binance", 1, 2, 20, b'{"stream":"btcusdt@aggTrade","data":{"e":"aggTrade","E":1,"a":5,"s":"BTCUSDT",'
+                                 b'"p":"1","q":"1","f":1,"l":1,"T":1,"m":false}}')
+    tally = c.tallies["binance"]
+    assert tally.errors == 1 and "a bug in a parser" in tally.error_samples[0]
+    assert tally.rows["trades"] == 1
