@@ -14,7 +14,7 @@ import pytest
 import websocket
 
 from sim import Simulator
-from tests.helpers import SHARED
+from tests.helpers import SHARED, wait_until
 
 SAMPLES = os.path.join(SHARED, "samples")
 
@@ -688,7 +688,10 @@ def test_stats_rows_match_client_counts():
         threads = [threading.Thread(target=reader, args=x) for x in socks]
         for t in threads:
             t.start()
-        time.sleep(2.5)                 # a stretch of generated data to reconcile, not a sync
+        # a stretch of generated data to reconcile, long enough for the rarer kinds
+        wait_until(lambda: (lambda st: all(sum(st[ex]["rows"].values()) > 20 for ex in ("binance", "bybit", "okx"))
+                            and st["bybit"]["rows"]["open_interest"] > 0 and st["okx"]["rows"]["funding"] > 0)(s.stats()),
+                   30, what="rows of every exchange, Bybit open interest and OKX funding")
         for ex in ("binance", "bybit", "okx"):
             s.pause(ex)
         paused.set()

@@ -593,8 +593,9 @@ def test_collector_states_against_simulator(tmp_path):
             assert off["reasons"][0] == "no_connection"
             code, body = _status(port, "/healthz")
             assert code == 503 and body["state"] == OFFLINE
-            time.sleep(1.5)                    # several refused attempts: still OFFLINE
-            assert _status(port)[1]["state"] == OFFLINE
+            refused = len(cp.events("ws_reconnect_wait"))
+            cp.wait_for("ws_reconnect_wait", timeout=30, count=refused + 3)   # refused again and again
+            assert _status(port)[1]["state"] == OFFLINE                       # and still OFFLINE
 
             _refuse(sim, "binance", False)
             cp.wait_for("state_change", lambda l: l["old"] == OFFLINE and l["new"] == READY, timeout=30,
