@@ -669,8 +669,6 @@ class Checker:
         self.inst_codes: dict[str, int] = {}         # instance id -> small int (the union's _inst)
         self.sym_seen: dict[str, dict[str, set[str]]] = {}    # exchange -> shard -> symbols with rows
         self.late_rows = 0                          # rows judged after their slice (see _Union)
-        self.shard_files: dict[str, dict[str, dict]] = {}     # exchange -> shard -> files (_coverage)
-        self.expected_shards: dict[str, list[str]] = {}       # exchange -> shards expected (_coverage)
         self.conn_last: dict[tuple[str, str, int], int] = {}  # (run, exchange, conn) -> ts_recv
         self.adapters: dict[str, object] = {}
         self.notes: list[str] = []
@@ -1167,11 +1165,11 @@ class Checker:
             s["frames" if i.ref.dataset == "frames" else "rows"] += i.rows
         return per
 
-    def _coverage(self) -> tuple[dict, list[str]]:
+    def _coverage(self, per: dict[str, dict[str, dict]]) -> tuple[dict, list[str], dict[str, list[str]]]:
         """The universe per exchange against the symbols recorded, shards seen vs expected.
-        -> (report section, findings). Sets self.expected_shards (exchange -> shards, for offline)."""
+        per: _shard_files(). -> (report section, findings, exchange -> the shards expected)"""
         o, cap = self.o, self.o.max_list
-        per = self.shard_files = self._shard_files()
+        expected_shards: dict[str, list[str]] = {}
         exchanges = set(per) | set(o.exchanges or ())
         snapshots: dict[str, tuple] = {}
         if o.symbols is not None and o.dates:
@@ -1219,18 +1217,16 @@ class Checker:
                 for i in range(n):
                     text = f"{i}/{n}"
                     s = shards.get(text)
+                    owns = None if universe is None else sum(1 for x in universe if shard_of_text(ex, x, text))
                     if s is None:
                         (missing_sh if owned(text) else idle).append(text)
                         rows_sh.append({"shard": text, "seen": False, "replicas": [], "instances": [], "files": 0,
-                                        "rows": 0, "symbols": 0, "owns": None if universe is None else
-                                        sum(1 for x in universe if shard_of_text(ex, x, text))})
+                                        "rows": 0, "symbols": 0, "owns": owns})
                         continue
                     rows_sh.append({"shard": text, "seen": True, "replicas": sorted(s["replicas"]),
                                     "instances": sorted(s["instances"]), "files": s["files"], "rows": s["rows"],
-                                    "frames": s["frames"], "symbols": len(seen_syms.get(text, ())),
-                                    "owns": None if universe is None else
-                                    sum(1 for x in universe if shard_of_text(ex, x, text))})
-            self.expected_shards[ex] = sorted(set(shards) | set(missing_sh), key=_shard_key)
+                                    "frames": s["frames"], "symbols": len(seen_syms.get(text, ())), "owns": owns})
+            expected_shards[ex] = sorted(set(shards) | set(missing_sh), key=_shard_key)
             entry = {"universe": uni, "shard_counts": ns, "resharded": len(ns) > 1, "shards": rows_sh,
                      "shards_expected": sum(ns), "shards_seen": len(shards), "missing_shards": missing_sh,
                      "idle_shards": idle, "symbols_recorded": len(recorded)}
@@ -1268,7 +1264,7 @@ class Checker:
                                     + (f" (owners {', '.join(owners)})" if owners else " (no files at all)"))
             out["exchanges"][ex] = entry
         out["notes"] += [f"coverage unknown for {', '.join(exs)}: {why}" for why, exs in unknown.items()]
-        return out, findings
+        return out, findings, expected_shards
 
     def _instances(self) -> list[dict]:
         inst: dict[str, dict] = {}
@@ -1293,7 +1289,8 @@ class Checker:
                 for k, e in sorted(inst.items())]
 
     # -- offline windows: per shard (the union of its replicas), and per replica --
-    def _offline(self) -> tuple[list[dict], dict, dict, list[dict]]:
+    def _offline(self, per: dict[str, dict[str, dict]], expected_shards: dict[str, list[str]]
+                 ) -> tuple[list[dict], dict, dict, list[dict]]:
         """-> (windows, downtime per exchange and day, per shard, replica windows)"""
         o = self.o
         span_lo = day_start_ns(o.dates[0])
@@ -1311,14 +1308,13 @@ class Checker:
                        "from": start_from, "to": "day_end" if complete else "now"}
         thr = int(o.offline_threshold_s * NS)
         expected = set(o.exchanges) if o.exchanges is not None else set(self.per_ex)
-        per = self.shard_files
 
         def find(lo_hi):
             return silences(*lo_hi, span_lo, span_hi, end, thr, o.day_edges, complete)
 
         windows, replica_windows, by_shard = [], [], {}
         for ex in sorted(expected):
-            shards = self.expected_shards.get(ex) or []
+            shards = expected_shards.get(ex) or []
             if not shards:                           # an expected exchange without a single file
                 windows += [(ex, None, [], a, z, edge) for a, z, edge in find((np.zeros(0, np.int64),) * 2)]
                 continue
@@ -1361,8 +1357,10 @@ class Checker:
     def report(self, t0: float, frames_files: list[FileInfo]) -> dict:
         o = self.o
         cap = o.max_list
-        coverage, coverage_findings = self._coverage()
-        offline, downtime, by_shard, replica_windows = self._offline() if o.dates else ([], {}, {}, [])
+        per_shard = self._shard_files()
+        coverage, coverage_findings, expected_shards = self._coverage(per_shard)
+        offline, downtime, by_shard, replica_windows = (self._offline(per_shard, expected_shards) if o.dates
+                                                        else ([], {}, {}, []))
         # accounting
         runs_out, by_ex_lost = [], {}
         holes_all = []
