@@ -26,6 +26,17 @@ def sim_env(sim, exchanges=("binance", "bybit", "okx")) -> dict[str, str]:
     return env
 
 
+def sim_collector(tmp_path, sim, sim_exchanges=None, defaults: dict | None = None, **settings) -> "CollectorProcess":
+    """bin/collector against the simulator's exchanges (all it runs, else `sim_exchanges`): the
+    caller's defaults, then settings given as keywords (lower-case names, any value)."""
+    sim_exchanges = tuple(sim_exchanges or sim.urls)
+    env = sim_env(sim, sim_exchanges)
+    env["EXCHANGES"] = ",".join(sim_exchanges)      # never one the simulator does not run
+    env.update(defaults or {})
+    env.update({k.upper(): str(v) for k, v in settings.items()})
+    return CollectorProcess(tmp_path, env)
+
+
 # bin/collector with a slow writer (`--writer-stall SECONDS`): the tests' fault injection
 SLOW_COLLECTOR = os.path.join(ROOT, "bench", "collector_slow.py")
 

@@ -11,7 +11,7 @@ import pytest
 
 from app.alignment import OverBudget, RestClient, TokenBucket, measure
 from app.exchanges import create
-from tests.helpers import CollectorProcess, read_dataset, settle, sim_env, wait_until
+from tests.helpers import read_dataset, settle, sim_collector, wait_until
 
 EXCHANGES = ("binance", "bybit", "okx")
 
@@ -180,11 +180,9 @@ def test_rest_client_bybit_endpoint_limit_in_a_200(rest_sim):
 # ---- the collector through real outages ---------------------------------------------------------------
 
 def _collector(tmp_path, sim, exchanges, **env):
-    base = sim_env(sim, exchanges)
-    base.update({"EXCHANGES": ",".join(exchanges), "FLUSH_INTERVAL": "0.5", "ROTATE_INTERVAL": "5",
-                 "RECONNECT_MIN": "0.1", "RECONNECT_MAX": "0.5", "HEARTBEAT_INTERVAL": "60"})
-    base.update({k.upper(): str(v) for k, v in env.items()})
-    return CollectorProcess(tmp_path, base)
+    return sim_collector(tmp_path, sim, exchanges, {"FLUSH_INTERVAL": "0.5",
+                                                    "ROTATE_INTERVAL": "5", "RECONNECT_MIN": "0.1",
+                                                    "RECONNECT_MAX": "0.5", "HEARTBEAT_INTERVAL": "60"}, **env)
 
 
 def _bybit_recent(sim, symbol):

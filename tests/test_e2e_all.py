@@ -5,18 +5,15 @@ import time
 
 from app.exchanges import create
 from app.gaps import SequenceTracker
-from tests.helpers import CollectorProcess, count_rows, read_dataset, settle, sim_env, wait_until
+from tests.helpers import count_rows, read_dataset, settle, sim_collector, wait_until
 
 EXCHANGES = ("binance", "bybit", "okx")
 DATASETS = ("bbo", "trades", "mark_price", "funding", "open_interest")
 
 
 def start_collector(tmp_path, sim, **env):
-    base = sim_env(sim, tuple(sim.urls))
-    base.update({"FLUSH_INTERVAL": "0.5", "ROTATE_INTERVAL": "3", "RECONNECT_MIN": "0.2",
-                 "RECONNECT_MAX": "2"})
-    base.update({k.upper(): str(v) for k, v in env.items()})
-    return CollectorProcess(tmp_path, base)
+    return sim_collector(tmp_path, sim, defaults={"FLUSH_INTERVAL": "0.5", "ROTATE_INTERVAL": "3",
+                                                  "RECONNECT_MIN": "0.2", "RECONNECT_MAX": "2"}, **env)
 
 
 def quiesce_and_stop(c, sim) -> dict:

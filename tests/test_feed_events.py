@@ -98,12 +98,9 @@ def _wait_status(c, cond, timeout=30.0, what="status"):
 
 
 def _collector(tmp_path, sim, **env):
-    from tests.helpers import CollectorProcess
-    base = sim_env(sim, tuple(sim.urls))
-    base.update({"SYMBOLS": "BTCUSDT,ETHUSDT", "FLUSH_INTERVAL": "0.5", "SUBSCRIBE_TIMEOUT": "3",
-                 "SUBSCRIBE_RETRIES": "1"})
-    base.update({k.upper(): str(v) for k, v in env.items()})
-    return CollectorProcess(tmp_path, base)
+    from tests.helpers import sim_collector
+    return sim_collector(tmp_path, sim, defaults={"SYMBOLS": "BTCUSDT,ETHUSDT", "FLUSH_INTERVAL": "0.5",
+                                                  "SUBSCRIBE_TIMEOUT": "3", "SUBSCRIBE_RETRIES": "1"}, **env)
 
 
 def test_rejected_topics_are_reported_and_cost_only_themselves(tmp_path):

@@ -7,16 +7,13 @@ import time
 
 import pytest
 
-from tests.helpers import CollectorProcess, sim_env, wait_until
+from tests.helpers import CollectorProcess, sim_collector, wait_until
 from tests.s3server import S3Server
 
 
 def _collector(tmp_path, sim, exchanges, **env) -> CollectorProcess:
-    base = sim_env(sim, exchanges)
-    base.update({"EXCHANGES": ",".join(exchanges), "SYMBOLS": "BTCUSDT,ETHUSDT", "FLUSH_INTERVAL": "0.5",
-                 "ROTATE_INTERVAL": "2"})
-    base.update({k.upper(): str(v) for k, v in env.items()})
-    return CollectorProcess(tmp_path, base)
+    return sim_collector(tmp_path, sim, exchanges, {"SYMBOLS": "BTCUSDT,ETHUSDT",
+                                                    "FLUSH_INTERVAL": "0.5", "ROTATE_INTERVAL": "2"}, **env)
 
 
 @pytest.fixture
